@@ -1,0 +1,129 @@
+"""Examples -> tokens -> jagged batches (values + offsets, no padding), and the DataLoader around them.
+
+Tokens: every event is an item token; with `query_tokens`, a search event becomes a query token followed
+by its clicked item token, so search is "history + query token -> next item" and recommendation is
+"history -> next item", with one model and one item space. When the evaluated target is a search event,
+its query token is appended to the history: the model sees the query, never the clicked item.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from configs.schema import LoaderConfig
+from data_pipeline import schema
+from data_pipeline.read_shards import read_shards
+from data_pipeline.schema import ROW_ACTION, ROW_DOMAIN, ROW_ITEM, ROW_QUERY, ROW_TS
+
+TOKEN_FIELDS = ("item_ids", "query_ids", "timestamps", "next_timestamps", "actions", "token_types",
+                "domains", "targets")
+
+
+@dataclass
+class JaggedBatch:
+    """B sequences, L tokens in total. Per-token fields are (L,) int64 in sequence order."""
+
+    item_ids: torch.Tensor  # (L,) dense item id, 0 on query tokens
+    query_ids: torch.Tensor  # (L,) query id on query tokens, 0 elsewhere
+    timestamps: torch.Tensor  # (L,) event time (or chronological rank without timestamps)
+    next_timestamps: torch.Tensor  # (L,) time of the next event, the request time known when predicting
+    actions: torch.Tensor  # (L,) ACTION_* code
+    token_types: torch.Tensor  # (L,) TOKEN_ITEM / TOKEN_QUERY
+    domains: torch.Tensor  # (L,) domain id of each token's event
+    targets: torch.Tensor  # (L,) next item id to predict at each token, 0 = no target
+    offsets: torch.Tensor  # (B+1,) sequence b is tokens offsets[b]:offsets[b+1]
+    domain: torch.Tensor  # (B,) domain of the sequence's predicted event
+    user: torch.Tensor  # (B,) dense user index
+
+    @property
+    def num_sequences(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]  # (B,)
+
+    def to(self, device) -> "JaggedBatch":
+        return JaggedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool, max_len: int) -> dict:
+    """History events (5, h) [+ target event (5,)] -> per-token arrays (T,), the last max_len tokens."""
+    h = history.shape[1]
+    is_q = (history[ROW_QUERY] > 0) if query_tokens else np.zeros(h, dtype=bool)  # (h,)
+    item_pos = np.cumsum(1 + is_q) - 1  # (h,) token index of each event's item token
+    T = h + int(is_q.sum())
+    q_pos = item_pos[is_q] - 1
+    # next item / next time after each event; after the last history event comes the target (if any)
+    tgt_item = int(target[ROW_ITEM]) if target is not None else 0
+    tgt_ts = int(target[ROW_TS]) if target is not None else (int(history[ROW_TS, -1]) if h else 0)
+    next_item = np.r_[history[ROW_ITEM, 1:], tgt_item]  # (h,)
+    next_ts = np.r_[history[ROW_TS, 1:], tgt_ts]  # (h,)
+
+    tok = {k: np.zeros(T, dtype=np.int64) for k in TOKEN_FIELDS}
+    for key, row in (("timestamps", ROW_TS), ("domains", ROW_DOMAIN)):
+        tok[key][item_pos] = history[row]
+        tok[key][q_pos] = history[row, is_q]
+    tok["item_ids"][item_pos] = history[ROW_ITEM]
+    tok["actions"][item_pos] = history[ROW_ACTION]
+    tok["targets"][item_pos] = next_item
+    tok["next_timestamps"][item_pos] = next_ts
+    tok["query_ids"][q_pos] = history[ROW_QUERY, is_q]
+    tok["actions"][q_pos] = schema.ACTION_QUERY
+    tok["token_types"][q_pos] = schema.TOKEN_QUERY
+    tok["targets"][q_pos] = history[ROW_ITEM, is_q]  # a query token predicts the item clicked for it
+    tok["next_timestamps"][q_pos] = history[ROW_TS, is_q]
+    if target is not None and query_tokens and target[ROW_QUERY] > 0:
+        q = dict(item_ids=0, query_ids=target[ROW_QUERY], timestamps=tgt_ts, next_timestamps=tgt_ts,
+                 actions=schema.ACTION_QUERY, token_types=schema.TOKEN_QUERY, domains=target[ROW_DOMAIN],
+                 targets=tgt_item)
+        # the last history item keeps the clicked item as its target, as inside training histories
+        tok = {k: np.append(v, q[k]) for k, v in tok.items()}
+    return {k: v[-max_len:] for k, v in tok.items()}
+
+
+def example_to_tokens(ex: dict, query_tokens: bool, max_len: int) -> dict | None:
+    """A read_shards example -> tokens + per-sequence fields; None when it has nothing to predict."""
+    tok = tokenize(ex["history"], ex["target"], query_tokens, max_len)
+    if not (tok["targets"] > 0).any():
+        return None  # e.g. a one-event training history: no next item inside it
+    if ex["target"] is not None:
+        dom = int(ex["target"][ROW_DOMAIN])
+    else:
+        dom = int(ex["history"][ROW_DOMAIN, -1])
+    tok["domain"], tok["user"] = dom, ex["user"]
+    return tok
+
+
+def collate(samples: list[dict]) -> JaggedBatch:
+    """Token dicts -> one JaggedBatch: concatenate values, offsets = cumulative lengths."""
+    lengths = [len(s["item_ids"]) for s in samples]
+    offsets = torch.zeros(len(samples) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(np.cumsum(lengths))
+    cat = {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in TOKEN_FIELDS}
+    return JaggedBatch(**cat, offsets=offsets,
+                       domain=torch.tensor([s["domain"] for s in samples], dtype=torch.int64),
+                       user=torch.tensor([s["user"] for s in samples], dtype=torch.int64))
+
+
+def _tokens_stage(cfg: LoaderConfig):
+    def stage(src):
+        for ex in src:
+            tok = example_to_tokens(ex, cfg.query_tokens, cfg.max_len)
+            if tok is not None:
+                yield tok
+    return stage
+
+
+def make_loader(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int = 0,
+                shuffle: bool | None = None) -> torch.utils.data.DataLoader:
+    """DataLoader of JaggedBatch for one epoch; rank/world come from the environment (RANK, WORLD_SIZE)."""
+    pipe = read_shards(shard_dir, split, cfg, epoch, shuffle)
+    pipe.append(_tokens_stage(cfg))
+    pipe.append(wds.batched(cfg.batch_size, collation_fn=collate, partial=True))
+    return torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=cfg.num_workers,
+                                       persistent_workers=False, pin_memory=False)

@@ -1,0 +1,201 @@
+"""Events -> per-user chronological sequences -> leave-one-out split -> webdataset shards + manifest.json.
+
+One sample per user holds the WHOLE chronological sequence; the split is a rule applied by the loader
+(train = events[:n-2], valid target = events[n-2], test target = events[n-1]), written into the manifest.
+One shard set then serves all three splits, and no split can drift from another.
+
+Writing is atomic: everything goes into a hidden temp folder next to `out`, `manifest.json` is written
+last, and the folder is renamed into place at the end. An interrupted run leaves only `.<name>.tmp-*`,
+which the loader never mistakes for a shard set (it requires `manifest.json`).
+"""
+from __future__ import annotations
+
+import datetime
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from tqdm import tqdm
+
+from configs.schema import ShardConfig
+from data_pipeline import schema
+from data_pipeline.schema import Dataset
+
+FORMAT_VERSION = 1
+MIN_EVENTS_FOR_EVAL = 3  # train needs >= 1 event, valid and test one target each
+SPLIT_RULE = ("leave-one-out by time per user: test target = last event, validation target = "
+              "second-to-last event, train = all earlier events; ties in time keep file order")
+
+
+def _natural_key(raw: str):
+    """Sort numeric ids numerically ("2" < "10"), everything else as text, numbers first."""
+    return (0, int(raw), "") if raw.isdigit() else (1, 0, raw)
+
+
+def _dense_ids(values: np.ndarray, first: int) -> tuple[list[str], np.ndarray]:
+    """Raw ids (E,) -> (vocab in natural order, dense ids (E,) starting at `first`)."""
+    uniq, inverse = np.unique(values.astype(str), return_inverse=True)
+    order = sorted(range(len(uniq)), key=lambda i: _natural_key(uniq[i]))
+    rank = np.empty(len(uniq), dtype=np.int64)
+    rank[order] = np.arange(len(uniq)) + first
+    return [str(uniq[i]) for i in order], rank[inverse]
+
+
+def encode_events(ds: Dataset) -> dict:
+    """Dense-id every column and sort events by (user, time), stable so same-time events keep file order."""
+    ev = ds.events
+    users, user_idx = _dense_ids(ev.user_id, first=0)  # (E,) 0..U-1
+    items, item_idx = _dense_ids(ev.item_id, first=1)  # (E,) 1..I, 0 = padding
+    domains = sorted(set(ev.domain.tolist()))
+    dom_of = {d: i for i, d in enumerate(domains)}
+    domain_idx = np.fromiter((dom_of[d] for d in ev.domain), dtype=np.int64, count=len(ev))
+    queries = [""] + sorted({q for q in ev.query.tolist() if q})  # id 0 = "no query"
+    q_of = {q: i for i, q in enumerate(queries)}
+    query_idx = np.fromiter((q_of[q] for q in ev.query), dtype=np.int64, count=len(ev))
+    order = np.lexsort((ev.timestamp, user_idx))  # numpy's lexsort is stable: ties keep file order
+    seq = np.stack([item_idx, ev.timestamp, ev.action, domain_idx, query_idx])[:, order]  # (5, E)
+    item_domain = np.full(len(items) + 1, -1, dtype=np.int64)
+    item_domain[item_idx] = domain_idx
+    return dict(users=users, items=items, domains=domains, queries=queries, seq=seq,
+                user_idx=user_idx[order], item_domain=item_domain)
+
+
+def _split_users(enc: dict, cfg: ShardConfig) -> tuple[list[tuple[int, int, int]], dict]:
+    """(user, start, end) slices into enc["seq"], with short users kept or dropped per cfg."""
+    if cfg.short_users not in ("train", "drop"):
+        raise ValueError(f"shards.short_users must be 'train' or 'drop', got {cfg.short_users!r}")
+    user_idx = enc["user_idx"]
+    starts = np.flatnonzero(np.r_[True, user_idx[1:] != user_idx[:-1]])
+    ends = np.r_[starts[1:], len(user_idx)]
+    spans, short, dropped_events = [], 0, 0
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        if e - s < MIN_EVENTS_FOR_EVAL:
+            short += 1
+            if cfg.short_users == "drop":
+                dropped_events += e - s
+                continue
+        spans.append((int(user_idx[s]), s, e))
+    return spans, dict(short_users=short, short_users_policy=cfg.short_users,
+                       dropped_short_user_events=dropped_events)
+
+
+def _counts(enc: dict, spans: list, short: dict, ds: Dataset) -> dict:
+    seq, domains = enc["seq"], enc["domains"]
+    kept = np.concatenate([np.arange(s, e) for _, s, e in spans]) if spans else np.zeros(0, np.int64)
+    lengths = np.array([e - s for _, s, e in spans])
+    is_eval = lengths >= MIN_EVENTS_FOR_EVAL
+    valid_pos = np.array([e - 2 for (_, s, e), ok in zip(spans, is_eval) if ok], dtype=np.int64)
+    test_pos = np.array([e - 1 for (_, s, e), ok in zip(spans, is_eval) if ok], dtype=np.int64)
+    per_domain = {}
+    for d, name in enumerate(domains):
+        in_d = seq[schema.ROW_DOMAIN, kept] == d
+        per_domain[name] = dict(
+            events=int(in_d.sum()), items=int((enc["item_domain"] == d).sum()),
+            users=int(len(np.unique(enc["user_idx"][kept][in_d]))),
+            valid_targets=int((seq[schema.ROW_DOMAIN, valid_pos] == d).sum()),
+            test_targets=int((seq[schema.ROW_DOMAIN, test_pos] == d).sum()))
+    return dict(
+        users=len(spans), items=len(enc["items"]), events=int(len(kept)),
+        search_events=int((seq[schema.ROW_QUERY, kept] > 0).sum()),
+        split=dict(train_events=int(len(kept) - 2 * is_eval.sum()), valid_targets=int(is_eval.sum()),
+                   test_targets=int(is_eval.sum())),
+        length=dict(min=int(lengths.min()) if len(lengths) else 0,
+                    max=int(lengths.max()) if len(lengths) else 0,
+                    mean=round(float(lengths.mean()), 3) if len(lengths) else 0.0),
+        skipped_rows=ds.skipped_rows, **short,
+        catalog_items_without_events=len(set(ds.catalog) - set(enc["items"])),
+    ), per_domain
+
+
+def _write_one_shard(path: Path, spans: list, enc: dict) -> dict:
+    seq, users = enc["seq"], enc["users"]
+    # fixed mtime: identical inputs give byte-identical shards, so content_hash identifies the data
+    with wds.TarWriter(str(path), encoder=True, mtime=0) as sink:
+        for user, s, e in spans:
+            sink.write({"__key__": f"u{user:09d}", "seq.i64": seq[:, s:e].astype("<i8").tobytes(),
+                        "meta.json": {"user": users[user], "user_index": user, "n": e - s}})
+    data = path.read_bytes()
+    return dict(name=path.name, samples=len(spans), events=int(sum(e - s for _, s, e in spans)),
+                bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+
+
+def _write_catalog(path: Path, enc: dict, ds: Dataset):
+    """Catalog rows for dense items 1..I (text fields for the content encoder of later stages)."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        for dense, raw in enumerate(enc["items"], start=1):
+            it = ds.catalog.get(raw) or schema.Item(item_id=raw, domain=enc["domains"][enc["item_domain"][dense]])
+            row = dict(id=dense, item_id=raw, domain=it.domain, title=it.title, categories=it.categories,
+                       brand=it.brand, description=it.description, attributes=it.attributes)
+            f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _commit(tmp: Path, out: Path):
+    """Swap the finished temp folder into place; the old set is removed only after the swap."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
+                 overwrite: bool = False, progress: bool = True) -> dict:
+    """Write `ds` as shards + catalog + manifest into `out` atomically; returns the manifest."""
+    out = Path(out)
+    tmp = _prepare_out(out, overwrite)
+    try:
+        enc = encode_events(ds)
+        spans, short = _split_users(enc, cfg)
+        random.Random(cfg.seed).shuffle(spans)  # mixed lengths per shard -> balanced shards
+        groups = [spans[i:i + cfg.samples_per_shard] for i in range(0, len(spans), cfg.samples_per_shard)]
+        shards = [_write_one_shard(tmp / f"shard-{i:05d}.tar", g, enc)
+                  for i, g in enumerate(tqdm(groups, desc="writing shards", unit="shard", disable=not progress))]
+        _write_catalog(tmp / "catalog.jsonl.gz", enc, ds)
+        counts, per_domain = _counts(enc, spans, short, ds)
+        manifest = _manifest(ds, enc, counts, per_domain, shards, cfg)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _manifest(ds, enc, counts, per_domain, shards, cfg) -> dict:
+    id_maps = dict(items=["<pad>"] + enc["items"], users=enc["users"], domains=enc["domains"],
+                   queries=enc["queries"])
+    h = hashlib.sha256()
+    for s in shards:
+        h.update(s["sha256"].encode())
+    h.update(json.dumps(id_maps, sort_keys=True).encode())
+    return dict(
+        format_version=FORMAT_VERSION, dataset=ds.name,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        has_timestamps=bool(ds.events.has_timestamps), content_hash=h.hexdigest(),
+        counts=counts, per_domain=per_domain,
+        vocab=dict(num_items=len(enc["items"]), num_users=len(enc["users"]), num_actions=schema.NUM_ACTIONS,
+                   num_domains=len(enc["domains"]), num_queries=len(enc["queries"]) - 1,
+                   num_token_types=schema.NUM_TOKEN_TYPES),
+        split_rule=dict(rule=SPLIT_RULE, min_events_for_eval=MIN_EVENTS_FOR_EVAL,
+                        short_users=cfg.short_users),
+        seq_rows=list(schema.SEQ_ROWS), shards=shards, catalog="catalog.jsonl.gz",
+        semantic_ids=None, notes=list(ds.notes),
+        id_maps=id_maps, item_domain=enc["item_domain"].tolist(),
+    )

@@ -1,0 +1,60 @@
+"""Shared fixtures: small hand-made datasets and shard sets in tmp_path. Nothing here reads ../shared."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from configs.schema import ShardConfig
+from data_pipeline import schema
+from data_pipeline.schema import Dataset, Events, Item
+
+
+def make_dataset(num_users: int = 23, seed: int = 0, short_users: int = 2) -> Dataset:
+    """Users with distinct items per user (so an item identifies its event), two domains, searches,
+    same-timestamp ties, and `short_users` users with fewer than 3 events. Rows come in a shuffled
+    file order so the writer's sort matters."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for u in range(num_users):
+        n = int(rng.integers(1, 3)) if u < short_users else int(rng.integers(3, 40))
+        items = rng.choice(500, size=n, replace=False) + 1
+        ts = np.sort(rng.integers(0, 10, size=n)) * 100 + 1_000_000  # many ties within a user
+        for k in range(n):
+            dom = "books" if items[k] % 3 == 0 else "movies"
+            is_search = rng.random() < 0.25
+            action = schema.ACTION_SEARCH_CLICK if is_search else schema.rating_action(int(rng.integers(1, 6)))
+            query = f"query {items[k] % 7} words" if is_search else ""
+            rows.append((f"user{u}", f"it{items[k]}", int(ts[k]), action, dom, query, k))
+    # file order interleaves users (k-th events of all users, users shuffled) but keeps each user's
+    # events in k order, so within-user ties must come out in k order, not item-id order
+    tiebreak = rng.random(len(rows))
+    rows = [r for _, r in sorted(zip(tiebreak, rows), key=lambda p: (p[1][6], p[0]))]
+    cols = list(zip(*rows))
+    events = Events.from_columns(cols[0], cols[1], cols[2], cols[3], list(cols[4]), list(cols[5]))
+    catalog = {f"it{i}": Item(item_id=f"it{i}", domain="books" if i % 3 == 0 else "movies", title=f"title {i}")
+               for i in range(1, 501)}
+    return Dataset(name="handmade", events=events, catalog=catalog)
+
+
+def expected_sequences(ds: Dataset) -> dict[str, list[tuple]]:
+    """user -> [(item, ts, action, domain, query)] in chronological order, ties in file order."""
+    ev = ds.events
+    out: dict[str, list[tuple]] = {}
+    order = sorted(range(len(ev)), key=lambda i: (ev.user_id[i], ev.timestamp[i]))  # sorted() is stable
+    for i in order:
+        out.setdefault(ev.user_id[i], []).append(
+            (ev.item_id[i], int(ev.timestamp[i]), int(ev.action[i]), ev.domain[i], ev.query[i]))
+    return out
+
+
+@pytest.fixture
+def handmade() -> Dataset:
+    return make_dataset()
+
+
+@pytest.fixture
+def shard_dir(tmp_path, handmade):
+    from data_pipeline.write_shards import write_shards
+    out = tmp_path / "shards"
+    write_shards(handmade, out, ShardConfig(samples_per_shard=4), progress=False)
+    return out
