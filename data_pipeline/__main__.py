@@ -77,10 +77,10 @@ def summary_table(m: dict) -> str:
     for name, d in m["per_domain"].items():
         rows.append((name, d["users"], d["items"], d["events"], "", d["valid_targets"], d["test_targets"], ""))
     head = ("domain", "users", "items", "events", "train events", "valid targets", "test targets", "searches")
-    width = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(f"{v:,}".rjust(w) if isinstance(v, int) else str(v).rjust(w)  # noqa: E731
-                              for v, w in zip(r, width))
-    lines = [fmt(head), fmt(tuple("-" * w for w in width))] + [fmt(r) for r in rows]
+    cells = [head] + [tuple(f"{v:,}" if isinstance(v, int) else str(v) for v in r) for r in rows]
+    width = [max(len(r[i]) for r in cells) for i in range(len(head))]
+    fmt = lambda r: "  ".join(v.rjust(w) for v, w in zip(r, width))  # noqa: E731
+    lines = [fmt(head), fmt(tuple("-" * w for w in width))] + [fmt(r) for r in cells[1:]]
     lines.append(f"dataset {m['dataset']}  has_timestamps={m['has_timestamps']}  shards={len(m['shards'])}  "
                  f"short users={c['short_users']} ({c['short_users_policy']})  skipped rows={c['skipped_rows']}  "
                  f"content_hash={m['content_hash'][:16]}")

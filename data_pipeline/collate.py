@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -61,8 +62,8 @@ def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool,
     # next item / next time after each event; after the last history event comes the target (if any)
     tgt_item = int(target[ROW_ITEM]) if target is not None else 0
     tgt_ts = int(target[ROW_TS]) if target is not None else (int(history[ROW_TS, -1]) if h else 0)
-    next_item = np.r_[history[ROW_ITEM, 1:], tgt_item]  # (h,)
-    next_ts = np.r_[history[ROW_TS, 1:], tgt_ts]  # (h,)
+    next_item = np.append(history[ROW_ITEM, 1:], tgt_item)  # (h,)
+    next_ts = np.append(history[ROW_TS, 1:], tgt_ts)  # (h,)
 
     tok = {k: np.zeros(T, dtype=np.int64) for k in TOKEN_FIELDS}
     for key, row in (("timestamps", ROW_TS), ("domains", ROW_DOMAIN)):
@@ -99,15 +100,30 @@ def example_to_tokens(ex: dict, query_tokens: bool, max_len: int) -> dict | None
     return tok
 
 
-def collate(samples: list[dict]) -> JaggedBatch:
-    """Token dicts -> one JaggedBatch: concatenate values, offsets = cumulative lengths."""
+def collate_packed(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Token dicts -> three tensors: per-token fields stacked (8, L), offsets (B+1,), (domain, user) (2, B).
+
+    Packed because a DataLoader worker ships every tensor through its own shared-memory segment: with
+    eleven tensors per batch the transfer, not the reading, bounded the loader (ML-1M, 48 batches/epoch:
+    1.1 s with 1 worker vs 0.5 s in-process; measured here)."""
     lengths = [len(s["item_ids"]) for s in samples]
     offsets = torch.zeros(len(samples) + 1, dtype=torch.int64)
-    offsets[1:] = torch.tensor(np.cumsum(lengths))
-    cat = {k: torch.from_numpy(np.concatenate([s[k] for s in samples])) for k in TOKEN_FIELDS}
-    return JaggedBatch(**cat, offsets=offsets,
-                       domain=torch.tensor([s["domain"] for s in samples], dtype=torch.int64),
-                       user=torch.tensor([s["user"] for s in samples], dtype=torch.int64))
+    offsets[1:] = torch.from_numpy(np.cumsum(lengths))
+    tokens = np.stack([np.concatenate([s[k] for s in samples]) for k in TOKEN_FIELDS])  # (8, L)
+    per_seq = np.array([[s["domain"] for s in samples], [s["user"] for s in samples]], dtype=np.int64)
+    return dict(tokens=torch.from_numpy(tokens), offsets=offsets, per_seq=torch.from_numpy(per_seq))
+
+
+def unpack(packed: dict[str, torch.Tensor]) -> JaggedBatch:
+    """The packed tensors -> JaggedBatch of views (no copy)."""
+    tok = packed["tokens"]
+    return JaggedBatch(**{k: tok[i] for i, k in enumerate(TOKEN_FIELDS)}, offsets=packed["offsets"],
+                       domain=packed["per_seq"][0], user=packed["per_seq"][1])
+
+
+def collate(samples: list[dict]) -> JaggedBatch:
+    """Token dicts -> one JaggedBatch: values concatenated, offsets = cumulative lengths."""
+    return unpack(collate_packed(samples))
 
 
 def _tokens_stage(cfg: LoaderConfig):
@@ -120,10 +136,12 @@ def _tokens_stage(cfg: LoaderConfig):
 
 
 def make_loader(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int = 0,
-                shuffle: bool | None = None) -> torch.utils.data.DataLoader:
-    """DataLoader of JaggedBatch for one epoch; rank/world come from the environment (RANK, WORLD_SIZE)."""
+                shuffle: bool | None = None) -> Iterator[JaggedBatch]:
+    """JaggedBatches for one epoch of `split`; rank and world size come from the environment
+    (RANK, WORLD_SIZE, as set by torchrun and the deepspeed launcher) or torch.distributed."""
     pipe = read_shards(shard_dir, split, cfg, epoch, shuffle)
     pipe.append(_tokens_stage(cfg))
-    pipe.append(wds.batched(cfg.batch_size, collation_fn=collate, partial=True))
-    return torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=cfg.num_workers,
-                                       persistent_workers=False, pin_memory=False)
+    pipe.append(wds.batched(cfg.batch_size, collation_fn=collate_packed, partial=True))
+    loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=cfg.num_workers,
+                                         persistent_workers=False, pin_memory=False)
+    return (unpack(packed) for packed in loader)

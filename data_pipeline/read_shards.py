@@ -79,16 +79,15 @@ def _decode(skip: bool):
     def stage(src):
         for sample in src:
             try:
-                meta = json.loads(sample["meta.json"])
-                rows = np.frombuffer(sample["seq.i64"], dtype="<i8")
-                seq = rows.reshape(len(schema.SEQ_ROWS), meta["n"])  # (5, n)
+                user = int(sample["__key__"][1:])  # key "u000000042" -> dense user index 42
+                seq = np.frombuffer(sample["seq.i64"], dtype="<i8").reshape(len(schema.SEQ_ROWS), -1)  # (5, n)
             except (KeyError, ValueError) as e:
                 msg = f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r} does not decode ({e!r})"
                 if skip:
                     warnings.warn("skipping " + msg)
                     continue
                 raise ShardError(msg) from e
-            yield dict(seq=seq, user=int(meta["user_index"]), key=sample["__key__"], url=sample["__url__"])
+            yield dict(seq=seq, user=user, key=sample["__key__"], url=sample["__url__"])
     return stage
 
 

@@ -35,10 +35,11 @@ TOKEN_QUERY = 1  # a search query; the item clicked for it follows as an item to
 NUM_TOKEN_TYPES = 2
 
 # ---- shard sample layout ------------------------------------------------------------------------------
-# One sample per user: `seq.i64` = raw little-endian int64 bytes of a C-order (SEQ_ROWS, n) array in
-# chronological order, and `meta.json` {"user": raw id, "user_index": dense index, "n": n}. One member
-# instead of five (one tar header each), and raw bytes instead of .npy: np.load parses its header with
-# ast.literal_eval, which was 35% of the read time (0.18 of 0.53 s for 2,000 users, measured here).
+# One sample per user, ONE tar member: key "u<dense user index, 9 digits>", `seq.i64` = raw little-endian
+# int64 bytes of a C-order (SEQ_ROWS, n) array in chronological order (n = bytes / 8 / SEQ_ROWS; the raw
+# user id is in the manifest's id_maps). Measured on ML-1M (6,040 users): Python's tarfile costs ~50 us
+# per member and np.load's header parser (ast.literal_eval) ~90 us per array, so one raw member per user
+# reads an epoch ~3x faster than .npy + .json members.
 SEQ_ROWS = ("item", "timestamp", "action", "domain", "query")
 ROW_ITEM, ROW_TS, ROW_ACTION, ROW_DOMAIN, ROW_QUERY = range(len(SEQ_ROWS))
 

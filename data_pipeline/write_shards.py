@@ -118,8 +118,7 @@ def _write_one_shard(path: Path, spans: list, enc: dict) -> dict:
     # fixed mtime: identical inputs give byte-identical shards, so content_hash identifies the data
     with wds.TarWriter(str(path), encoder=True, mtime=0) as sink:
         for user, s, e in spans:
-            sink.write({"__key__": f"u{user:09d}", "seq.i64": seq[:, s:e].astype("<i8").tobytes(),
-                        "meta.json": {"user": users[user], "user_index": user, "n": e - s}})
+            sink.write({"__key__": f"u{user:09d}", "seq.i64": seq[:, s:e].astype("<i8").tobytes()})
     data = path.read_bytes()
     return dict(name=path.name, samples=len(spans), events=int(sum(e - s for _, s, e in spans)),
                 bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
