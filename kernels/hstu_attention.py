@@ -1,0 +1,87 @@
+"""Public entry for HSTU attention: shape checks, then an explicit backend.
+
+    out = hstu_attention(q, k, v, offsets, backend="ref", ...)   # see hstu_attention_ref for the math
+
+backend: "ref" (PyTorch, any device; the spec), "triton" (CUDA kernels with fused bias, deterministic
+backward), or "auto" = "triton" when CUDA and Triton are both usable (detected once), else "ref". A run
+on CUDA that ends up on "ref" says so once, loudly. Nothing is swapped at import time: the model passes
+its configured backend on every call.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+
+from kernels.hstu_attention_ref import hstu_attention_ref
+
+BACKENDS = ("auto", "ref", "triton")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """CUDA device present and Triton importable (or the Triton CPU interpreter explicitly enabled)."""
+    import os
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _warn_ref_on_cuda() -> None:
+    print("WARNING: HSTU attention runs the PyTorch reference on CUDA (Triton unavailable or "
+          "backend='ref'): expect several times lower throughput than the Triton kernels.", file=sys.stderr)
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" and triton_available() else "ref"
+    if backend == "ref" and device.type == "cuda":
+        _warn_ref_on_cuda()
+    return backend
+
+
+def _check(q, k, v, offsets, pos_bias, time_bias, ts_q, ts_k, num_targets):
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k (L, H, dqk) and v (L, H, dv); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"offsets must be (B+1,) int32/int64, got {tuple(offsets.shape)} {offsets.dtype}")
+    if int(offsets[0]) != 0 or int(offsets[-1]) != q.shape[0]:
+        raise ValueError(f"offsets must start at 0 and end at L={q.shape[0]}, got {int(offsets[0])}.."
+                         f"{int(offsets[-1])}")
+    for name, bias in (("pos_bias", pos_bias), ("time_bias", time_bias)):
+        if bias is not None and bias.dim() != 1:
+            raise ValueError(f"{name} must be a 1-D table, got {tuple(bias.shape)}")
+    if time_bias is not None and (ts_q is None or ts_k is None or ts_q.shape != (q.shape[0],)
+                                  or ts_k.shape != (q.shape[0],)):
+        raise ValueError("time_bias needs ts_q and ts_k of shape (L,)")
+    if num_targets is not None and num_targets.shape != (offsets.numel() - 1,):
+        raise ValueError(f"num_targets must be (B,), got {tuple(num_targets.shape)}")
+
+
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
+                   backend: str = "auto", max_len: int | None = None, alpha: float = 1.0,
+                   norm_const: float = 1.0, norm_by_length: bool = False,
+                   pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
+                   ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
+                   time_bucket_div: float = 0.301, num_targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Jagged HSTU attention: q, k (L, H, dqk), v (L, H, dv), offsets (B+1,) -> (L, H, dv).
+
+    max_len: an upper bound on sequence length (the Triton launch grid and autotune key use it; computed
+    from offsets when None)."""
+    _check(q, k, v, offsets, pos_bias, time_bias, ts_q, ts_k, num_targets)
+    kw = dict(alpha=alpha, norm_const=norm_const, norm_by_length=norm_by_length, pos_bias=pos_bias,
+              time_bias=time_bias, ts_q=ts_q, ts_k=ts_k, time_bucket_div=time_bucket_div,
+              num_targets=num_targets)
+    if resolve_backend(backend, q.device) == "triton":
+        from kernels.hstu_attention_triton import hstu_attention_triton
+        if max_len is None:
+            max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
+        return hstu_attention_triton(q, k, v, offsets, max_len=max_len, **kw)
+    return hstu_attention_ref(q, k, v, offsets, **kw)
