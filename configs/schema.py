@@ -91,3 +91,131 @@ class PrepareConfig:
     """The synthetic world (used when dataset = synthetic)."""
     shards: ShardConfig = field(default_factory=ShardConfig)
     """Shard writing."""
+
+
+@dataclass
+class ModelConfig:
+    """The sequence encoder: embeddings -> HSTU (or SASRec) blocks -> L2-normalised states."""
+
+    arch: str = "hstu"
+    """Encoder: 'hstu' (pointwise SiLU attention + relative bias) or 'sasrec' (softmax attention + FFN)."""
+    num_layers: int = 2
+    """Number of blocks."""
+    dim: int = 50
+    """Model width D = item embedding size = num_heads x head dim."""
+    num_heads: int = 1
+    """Attention heads; each gets dim / num_heads channels for q, k and v."""
+    layer_variant: str = "research"
+    """HSTU layer math. 'research': SiLU on U,V,Q,K, no 1/sqrt(d), LN without affine,
+    y = x + W_o(dropout(U * LN(AV))). 'production': SiLU on U only, alpha = 1/sqrt(d), affine LN,
+    y = x + W_o(dropout([U, AV, U * LN(AV)]))."""
+    norm_by_length: bool = False
+    """Divide attention by each row's number of visible keys instead of the constant attn_norm_const."""
+    attn_norm_const: float = 0.0
+    """The constant N in SiLU(.)/N; 0 = the loader's max_len (the research recipe's padded length)."""
+    pos_bias: bool = True
+    """Relative position bias: one learned scalar per distance (per layer, shared by heads)."""
+    time_bias: bool = True
+    """Relative time bias: one learned scalar per log time bucket; queries use the next event's time."""
+    num_time_buckets: int = 128
+    """Time buckets; the table has num_time_buckets + 1 entries (the last one catches the clamp)."""
+    time_bucket_div: float = 0.301
+    """bucket = floor(ln(max(|dt|, 1)) / time_bucket_div)."""
+    abs_pos_emb: bool = True
+    """Add a learned absolute position embedding to the input (the research recipe does)."""
+    use_actions: bool = False
+    """Add an action (rating / click / search) embedding to each token's input."""
+    input_dropout: float = 0.2
+    """Dropout on the summed input embeddings."""
+    linear_dropout: float = 0.2
+    """Dropout before the output projection (HSTU) or on attention/FFN outputs (SASRec)."""
+    attention_backend: str = "auto"
+    """HSTU attention kernel: 'auto' (Triton on CUDA if available, else ref), 'ref' or 'triton'."""
+
+
+@dataclass
+class LossConfig:
+    """Next-item retrieval loss at every position with a target (train/losses.py)."""
+
+    kind: str = "sampled_softmax"
+    """'sampled_softmax' (uniform negatives) or 'full_softmax' (the whole catalogue; small catalogues)."""
+    num_negatives: int = 128
+    """R uniform negatives (sampled with replacement; a negative equal to the positive is masked)."""
+    shared_negatives: bool = False
+    """Draw one set of R negatives per batch, shared by every position, instead of R per position
+    (the reference recipe). Shared costs one (P, R) matmul instead of a (P, R, D) gather, so R can be
+    large; see bench/results for the quality/speed trade on ML-1M."""
+    in_batch_negatives: bool = False
+    """Also use the batch's other positives as negatives, with logQ correction by in-batch frequency."""
+    temperature: float = 0.05
+    """Softmax temperature on cosine similarities."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the DeepSpeed engine (train/engine.py)."""
+
+    epochs: int = 100
+    """Maximum epochs."""
+    lr: float = 1e-3
+    """AdamW learning rate (constant)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps per optimizer step."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (DeepSpeed bf16 mode: bf16 compute, fp32 master weights at ZeRO >= 1)."""
+    seed: int = 0
+    """Seed of python, numpy and torch (init, dropout, negatives) and of the data order."""
+    patience: int = 10
+    """Stop after this many evaluations without a better validation NDCG@10 (0 = never stop early)."""
+    eval_every: int = 1
+    """Evaluate on the validation split every this many epochs."""
+    log_every: int = 10
+    """Write a JSONL log line every this many steps."""
+    max_steps_per_epoch: int = 0
+    """Cap on optimizer steps per epoch (0 = the whole epoch); for smoke tests."""
+
+
+@dataclass
+class EvalConfig:
+    """Full-ranking evaluation (train/evaluate.py)."""
+
+    batch_size: int = 256
+    """Sequences per evaluation batch."""
+    ks: list[int] = field(default_factory=lambda: [10, 50, 200])
+    """Cut-offs for HR@K and NDCG@K."""
+    exclude_history: bool = True
+    """Never rank items the model saw in the user's input sequence (the target itself is never excluded)."""
+    item_chunk: int = 65536
+    """Score the catalogue in chunks of this many items, so memory stays (B x item_chunk)."""
+
+
+@dataclass
+class PretrainConfig:
+    """`python -m train pretrain`: shards -> model -> DeepSpeed engine -> loop -> eval -> checkpoints."""
+
+    shards: str = "shards/synthetic"
+    """Shard folder written by `python -m data_pipeline prepare`."""
+    run_dir: str = "runs/pretrain"
+    """Where config.json, meta.json, metrics.json, log.jsonl and ckpt/ go."""
+    resume: bool = False
+    """Continue from the latest checkpoint in run_dir/ckpt."""
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    """Loader (batch size per rank, max_len, workers)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Training loss."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Evaluation."""

@@ -1,0 +1,63 @@
+"""HSTU blocks on jagged input (Zhai et al. 2024). Attention goes through kernels.hstu_attention.
+
+Research layer (the one behind the public tables), per block on x (L, D):
+    U, V, Q, K = split(SiLU(LN(x) @ W_uvqk));  A V = HSTU-attention(Q, K, V, rab)
+    y = x + W_o(dropout(U * LN(A V)))                      LN without affine, no 1/sqrt(d)
+Production layer: U, V, Q, K = split(LN_affine(x) @ W_uvqk + b), SiLU on U only, alpha = 1/sqrt(d),
+    y = x + W_o(dropout([U, A V, U * LN_affine(A V)]))
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs.schema import ModelConfig
+from kernels.hstu_attention import hstu_attention
+
+
+class HSTUBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_len: int):
+        super().__init__()
+        if cfg.dim % cfg.num_heads:
+            raise ValueError(f"model.dim {cfg.dim} is not divisible by model.num_heads {cfg.num_heads}")
+        if cfg.layer_variant not in ("research", "production"):
+            raise ValueError(f"model.layer_variant must be research or production, got {cfg.layer_variant!r}")
+        self.cfg, self.H, self.d = cfg, cfg.num_heads, cfg.dim // cfg.num_heads
+        D, research = cfg.dim, cfg.layer_variant == "research"
+        self.research = research
+        self.uvqk = nn.Linear(D, 4 * D, bias=not research)
+        nn.init.normal_(self.uvqk.weight, std=0.02)
+        if not research:
+            nn.init.zeros_(self.uvqk.bias)
+            self.norm_in, self.norm_attn = nn.LayerNorm(D, eps=1e-6), nn.LayerNorm(D, eps=1e-6)
+        self.out = nn.Linear(D if research else 3 * D, D, bias=research)
+        nn.init.xavier_uniform_(self.out.weight)
+        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.pos_bias = nn.Parameter(torch.randn(max_len) * 0.02) if cfg.pos_bias else None
+        self.time_bias = nn.Parameter(torch.randn(cfg.num_time_buckets + 1) * 0.02) if cfg.time_bias else None
+        self.norm_const = float(cfg.attn_norm_const or max_len)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
+                max_len: int) -> torch.Tensor:
+        L, D = x.shape
+        if self.research:
+            h = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6)))  # (L, 4D)
+            u, v, q, k = h.split(D, dim=-1)
+        else:
+            u, v, q, k = self.uvqk(self.norm_in(x)).split(D, dim=-1)
+            u = F.silu(u)
+        attn = hstu_attention(
+            q.reshape(L, self.H, self.d), k.reshape(L, self.H, self.d), v.reshape(L, self.H, self.d), offsets,
+            backend=self.cfg.attention_backend, max_len=max_len,
+            alpha=1.0 if self.research else 1.0 / math.sqrt(self.d),
+            norm_const=self.norm_const, norm_by_length=self.cfg.norm_by_length,
+            pos_bias=self.pos_bias, time_bias=self.time_bias, ts_q=next_ts, ts_k=ts,
+            time_bucket_div=self.cfg.time_bucket_div).reshape(L, D)  # (L, D)
+        if self.research:
+            o = u * F.layer_norm(attn, (D,), eps=1e-6)
+        else:
+            o = torch.cat([u, attn, u * self.norm_attn(attn)], dim=-1)  # (L, 3D)
+        return x + self.out(self.dropout(o))

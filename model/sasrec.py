@@ -1,0 +1,66 @@
+"""SASRec blocks (Kang & McAuley 2018) on jagged input: the strong softmax-attention baseline.
+
+Pre-LN: x = x + Drop(MHA(LN(x))); x = x + Drop(FFN(LN(x))), FFN hidden = D with ReLU (the sizes of the
+HSTU paper's SASRec). Attention: flash-attn's varlen kernel on CUDA when installed (no padding at all),
+otherwise torch SDPA on a padded (B, H, N, d) copy with a causal + padding mask.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs.schema import ModelConfig
+from model.embeddings import jagged_positions
+
+
+@functools.cache
+def _flash_attn_varlen():
+    try:
+        from flash_attn import flash_attn_varlen_func
+        return flash_attn_varlen_func
+    except ImportError:
+        if torch.cuda.is_available():
+            print("WARNING: flash-attn is not installed; SASRec uses torch SDPA on padded batches "
+                  "(pip install -e '.[gpu]' for the varlen kernel).", file=sys.stderr)
+        return None
+
+
+def causal_attention(q, k, v, offsets: torch.Tensor, max_len: int, dropout: float) -> torch.Tensor:
+    """Softmax causal attention over jagged q, k, v (L, H, d) -> (L, H, d)."""
+    L, H, d = q.shape
+    flash = _flash_attn_varlen() if q.is_cuda else None
+    if flash is not None:
+        cu = offsets.to(torch.int32)
+        return flash(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, causal=True)
+    B = offsets.numel() - 1
+    seq, pos = jagged_positions(offsets, L)
+    N = max(int((offsets[1:] - offsets[:-1]).max()), 1) if B else 1
+    pad = lambda x: x.new_zeros(B, N, H, d).index_put((seq, pos), x).transpose(1, 2)  # noqa: E731  (B, H, N, d)
+    valid = torch.zeros(B, N, dtype=torch.bool, device=q.device).index_put((seq, pos), torch.ones_like(seq, dtype=torch.bool))
+    mask = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()[None] & valid[:, None, :]  # (B, N, N)
+    mask = mask | ~valid[:, :, None]  # padded query rows attend to something, else SDPA returns NaN
+    o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], dropout_p=dropout)
+    return o.transpose(1, 2)[seq, pos]  # (L, H, d)
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.dim
+        self.H, self.p = cfg.num_heads, cfg.linear_dropout
+        self.norm_attn, self.norm_ffn = nn.LayerNorm(D, eps=1e-8), nn.LayerNorm(D, eps=1e-8)
+        self.qkv = nn.Linear(D, 3 * D)
+        self.proj = nn.Linear(D, D)
+        self.ffn = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Dropout(cfg.linear_dropout), nn.Linear(D, D))
+        self.dropout = nn.Dropout(cfg.linear_dropout)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts, next_ts, max_len: int) -> torch.Tensor:
+        L, D = x.shape
+        q, k, v = self.qkv(self.norm_attn(x)).reshape(L, 3, self.H, D // self.H).unbind(1)  # (L, H, d) each
+        a = causal_attention(q, k, v, offsets, max_len, self.p if self.training else 0.0).reshape(L, D)
+        x = x + self.dropout(self.proj(a))
+        return x + self.dropout(self.ffn(self.norm_ffn(x)))

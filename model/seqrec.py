@@ -1,0 +1,54 @@
+"""The sequence model: token embeddings -> blocks -> L2-normalised states, and the item table.
+
+    states = model(batch)                 # (L, D), one per token, unit norm
+    items  = model.item_embeddings()      # (I+1, D), unit norm, row 0 = padding
+    score(token t, item i) = <states[t], items[i]>
+
+One encoder serves recommendation (history -> next item) and search (history + query token -> next
+item); both score the same item table.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from configs.schema import ModelConfig
+from model.embeddings import TokenEmbedding, jagged_positions
+from model.hstu import HSTUBlock
+from model.sasrec import SASRecBlock
+
+
+class SeqRecModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, num_items: int, num_queries: int, max_len: int):
+        super().__init__()
+        if cfg.arch not in ("hstu", "sasrec"):
+            raise ValueError(f"model.arch must be 'hstu' or 'sasrec', got {cfg.arch!r}")
+        self.cfg, self.max_len = cfg, max_len
+        self.embed = TokenEmbedding(cfg, num_items, num_queries, max_len)
+        if cfg.arch == "hstu":
+            self.blocks = nn.ModuleList(HSTUBlock(cfg, max_len) for _ in range(cfg.num_layers))
+            self.final_norm = nn.Identity()  # research HSTU: no final LN, output L2-normalised
+        else:
+            self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
+            self.final_norm = nn.LayerNorm(cfg.dim, eps=1e-8)
+
+    def forward(self, batch) -> torch.Tensor:
+        """JaggedBatch -> states (L, D), L2-normalised."""
+        L = batch.item_ids.numel()
+        _, positions = jagged_positions(batch.offsets, L)
+        x = self.embed(batch, positions)  # (L, D)
+        max_len = int(batch.lengths.max()) if batch.num_sequences else 0
+        for block in self.blocks:
+            x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len)
+        return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """(I+1, D) unit-norm item table; row 0 (padding) is zero."""
+        return F.normalize(self.embed.item.weight, dim=-1, eps=1e-6)
+
+
+def build_model(cfg: ModelConfig, manifest: dict, max_len: int) -> SeqRecModel:
+    """The model for a shard set: vocab sizes come from its manifest."""
+    v = manifest["vocab"]
+    return SeqRecModel(cfg, v["num_items"], v["num_queries"], max_len)

@@ -1,0 +1,160 @@
+"""Pretraining: shards -> model -> DeepSpeed engine -> loop -> validation every epoch -> early stopping
+-> best checkpoint -> test at the best epoch -> metrics.json.
+
+    python -m train pretrain --config configs/pretrain/ml1m_hstu.yaml --set train.epochs=5
+    deepspeed --num_gpus 2 -m train pretrain ...        OMP_NUM_THREADS=1 on CPU, or --bind_cores_to_rank
+    torchrun --nproc_per_node 2 -m train pretrain ...
+
+Model selection uses the validation split only; the test split is read once, at the end.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from configs.load import save_config
+from configs.schema import PretrainConfig
+from data_pipeline.collate import collate, make_loader
+from data_pipeline.read_shards import load_manifest
+from model.seqrec import build_model
+from train import engine as E
+from train.evaluate import evaluate
+from train.losses import compute_loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dummy_batch(dev):
+    """A one-token batch for lock-step evaluation on a rank that ran out of data."""
+    z = np.zeros(1, dtype=np.int64)
+    tok = dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
+               domains=z, targets=z + 1, domain=0, user=0)
+    return collate([tok]).to(dev)
+
+
+def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev) -> dict:
+    batches = (b.to(dev) for b in make_loader(cfg.shards, split, _eval_loader(cfg), shuffle=False))
+    return evaluate(eng, E.lockstep(batches, lambda: dummy_batch(dev)), cfg.eval, manifest["vocab"]["num_items"],
+                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum)
+
+
+def _eval_loader(cfg: PretrainConfig):
+    from dataclasses import replace
+    return replace(cfg.data, batch_size=cfg.eval.batch_size)
+
+
+def train_epoch(eng, cfg: PretrainConfig, epoch: int, num_items: int, gen, dev, log, rank: int) -> dict:
+    eng.train()
+    t0, tokens, losses, steps = time.perf_counter(), 0, [], 0
+    batches = E.while_all_have(make_loader(cfg.shards, "train", cfg.data, epoch=epoch))
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=rank != 0, leave=False)
+    for batch in bar:
+        loss, m = compute_loss(eng, batch.to(dev), cfg.loss, num_items, gen)
+        eng.backward(loss)
+        eng.step()
+        steps += 1
+        tokens += m["tokens"]
+        losses.append(m["loss"])
+        if steps % cfg.train.log_every == 0:
+            rate = tokens / (time.perf_counter() - t0)
+            log(dict(epoch=epoch, step=eng.global_steps, loss=m["loss"], lr=cfg.train.lr, tokens_per_s=round(rate)))
+            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
+        if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
+            break
+    secs = time.perf_counter() - t0
+    return dict(epoch=epoch, steps=steps, seconds=round(secs, 2), loss=float(np.mean(losses)) if losses else None,
+                tokens_per_s=round(tokens / secs) if secs else 0)
+
+
+def make_logger(run_dir: Path, rank: int):
+    path = run_dir / "log.jsonl"
+
+    def log(row: dict):
+        if rank == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return log
+
+
+def main(cfg: PretrainConfig) -> dict:
+    # ---- setup: process group, seeds, data manifest, run directory --------------------------------------
+    rank, world = E.setup_distributed()
+    dev = E.device()
+    seed_everything(cfg.train.seed)
+    gen = torch.Generator(device=dev).manual_seed(cfg.train.seed * 1000 + rank)  # negatives, per rank
+    manifest = load_manifest(cfg.shards)
+    num_items = manifest["vocab"]["num_items"]
+    run_dir = Path(cfg.run_dir)
+    ckpt = run_dir / "ckpt"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+    E.barrier()
+    log = make_logger(run_dir, rank)
+
+    # ---- model and engine ----------------------------------------------------------------------------
+    model = build_model(cfg.model, manifest, cfg.data.max_len).to(dev)
+    eng = E.build_engine(model, cfg.train, cfg.data.batch_size)
+    state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[])
+    if cfg.resume and (ckpt / "last").exists():
+        state = E.load_checkpoint(eng, ckpt, "last", gen)["state"]
+        if rank == 0:
+            print(f"resumed from {ckpt} after epoch {state['epoch']}")
+
+    # ---- loop: train an epoch, validate, keep the best, stop early ------------------------------------
+    t_start = time.perf_counter()
+    for epoch in range(state["epoch"] + 1, cfg.train.epochs):
+        row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, rank)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            val = run_eval(eng, cfg, "valid", manifest, dev)
+            row["valid"] = {k: v for k, v in val.items() if k != "per_domain"}
+            if val["ndcg@10"] > state["best_ndcg"]:
+                state.update(best_ndcg=val["ndcg@10"], best_epoch=epoch, bad_evals=0, best_valid=val)
+                E.save_checkpoint(eng, ckpt, "best", {"state": state}, gen)
+            else:
+                state["bad_evals"] += 1
+        state["epoch"] = epoch
+        state["history"].append(row)
+        log(dict(kind="epoch", **row))
+        if rank == 0:
+            v = row.get("valid", {})
+            print(f"epoch {epoch}: loss {row['loss']:.4f}  {row['tokens_per_s']:,} tok/s  {row['seconds']}s  "
+                  f"valid HR@10 {v.get('hr@10', float('nan')):.4f} NDCG@10 {v.get('ndcg@10', float('nan')):.4f}")
+        E.save_checkpoint(eng, ckpt, "last", {"state": state}, gen)
+        if cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
+            break
+
+    # ---- test once, with the weights of the best validation epoch --------------------------------------
+    train_seconds = time.perf_counter() - t_start
+    E.load_checkpoint(eng, ckpt, "best", None, with_optimizer=False)
+    test = run_eval(eng, cfg, "test", manifest, dev)
+    metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=state.get("best_valid"),
+                   test=test, train_seconds_this_run=round(train_seconds, 1), world_size=world,
+                   dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
+    E.write_json(run_dir / "metrics.json", metrics)
+    E.write_json(run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
+                                             manifest_hash=manifest["content_hash"], metrics=test,
+                                             world_size=world, epochs=state["history"]))
+    if rank == 0:
+        print(f"test at best epoch {state['best_epoch']}: " +
+              "  ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")))
+    return metrics
