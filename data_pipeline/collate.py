@@ -7,9 +7,9 @@ its query token is appended to the history: the model sees the query, never the 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class JaggedBatch:
     def lengths(self) -> torch.Tensor:
         return self.offsets[1:] - self.offsets[:-1]  # (B,)
 
-    def to(self, device) -> "JaggedBatch":
+    def to(self, device) -> JaggedBatch:
         return JaggedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
 
 

@@ -35,8 +35,8 @@ class ShardError(RuntimeError):
 def load_manifest(shard_dir: str | Path) -> dict:
     path = Path(shard_dir) / "manifest.json"
     if not path.exists():
-        raise ShardError(f"{path} not found: {shard_dir} is not a complete shard set "
-                         "(an interrupted write leaves only a hidden .tmp folder); run `python -m data_pipeline prepare`")
+        raise ShardError(f"{path} not found: {shard_dir} is not a complete shard set (an interrupted "
+                         "write leaves only a hidden .tmp folder); run `python -m data_pipeline prepare`")
     return json.loads(path.read_text())
 
 

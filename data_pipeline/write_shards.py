@@ -114,7 +114,7 @@ def _counts(enc: dict, spans: list, short: dict, ds: Dataset) -> dict:
 
 
 def _write_one_shard(path: Path, spans: list, enc: dict) -> dict:
-    seq, users = enc["seq"], enc["users"]
+    seq = enc["seq"]
     # fixed mtime: identical inputs give byte-identical shards, so content_hash identifies the data
     with wds.TarWriter(str(path), encoder=True, mtime=0) as sink:
         for user, s, e in spans:
@@ -186,7 +186,7 @@ def _manifest(ds, enc, counts, per_domain, shards, cfg) -> dict:
     h.update(json.dumps(id_maps, sort_keys=True).encode())
     return dict(
         format_version=FORMAT_VERSION, dataset=ds.name,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         has_timestamps=bool(ds.events.has_timestamps), content_hash=h.hexdigest(),
         counts=counts, per_domain=per_domain,
         vocab=dict(num_items=len(enc["items"]), num_users=len(enc["users"]), num_actions=schema.NUM_ACTIONS,

@@ -80,7 +80,6 @@ def time_buckets(dt: torch.Tensor, time_bucket_div: float, num_buckets: int) -> 
 def _dense_block(q, k, v, lengths, num_targets, N, alpha, norm_const, norm_by_length, pos_bias, time_bias,
                  ts_q, ts_k, time_bucket_div):
     """Padded dense attention for one bucket: q, k (B, N, H, dqk), v (B, N, H, dv), lengths (B,)."""
-    B = q.shape[0]
     dev = q.device
     i = torch.arange(N, device=dev)
     h = lengths - (num_targets if num_targets is not None else 0)  # (B,) history lengths

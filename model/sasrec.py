@@ -40,7 +40,8 @@ def causal_attention(q, k, v, offsets: torch.Tensor, max_len: int, dropout: floa
     seq, pos = jagged_positions(offsets, L)
     N = max(int((offsets[1:] - offsets[:-1]).max()), 1) if B else 1
     pad = lambda x: x.new_zeros(B, N, H, d).index_put((seq, pos), x).transpose(1, 2)  # noqa: E731  (B, H, N, d)
-    valid = torch.zeros(B, N, dtype=torch.bool, device=q.device).index_put((seq, pos), torch.ones_like(seq, dtype=torch.bool))
+    valid = torch.zeros(B, N, dtype=torch.bool, device=q.device)
+    valid[seq, pos] = True  # (B, N)
     mask = torch.ones(N, N, dtype=torch.bool, device=q.device).tril()[None] & valid[:, None, :]  # (B, N, N)
     mask = mask | ~valid[:, :, None]  # padded query rows attend to something, else SDPA returns NaN
     o = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask[:, None], dropout_p=dropout)

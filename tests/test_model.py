@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import LoaderConfig, LossConfig, ModelConfig, ShardConfig, SyntheticConfig
-from data_pipeline.collate import collate, make_loader
+from data_pipeline.collate import collate, example_to_tokens, make_loader
 from data_pipeline.read_shards import load_manifest, read_shards
-from data_pipeline.collate import example_to_tokens
 from data_pipeline.synthetic import generate
 from data_pipeline.write_shards import write_shards
 from model.seqrec import SeqRecModel, build_model

@@ -10,6 +10,7 @@ from configs.schema import PretrainConfig
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the deepspeed launcher
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("pretrain", help="pretrain the sequence model on shards",
                        description="Pretrain: shards -> model -> DeepSpeed -> eval -> checkpoints.",
@@ -17,8 +18,9 @@ def main(argv=None) -> int:
     s.add_argument("--config", help="YAML with PretrainConfig keys, e.g. configs/pretrain/ml1m_hstu.yaml")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.epochs=3 (repeatable)")
-    s.add_argument("--resume", action="store_true", help="continue from run_dir/ckpt/last (the end of the last finished epoch)")
-    s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    s.add_argument("--resume", action="store_true",
+                   help="continue from run_dir/ckpt/last (the end of the last finished epoch)")
+    s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.command == "pretrain":
         from train.pretrain import main as pretrain

@@ -25,6 +25,7 @@ from data_pipeline.collate import collate, make_loader
 from data_pipeline.read_shards import load_manifest
 from model.seqrec import build_model
 from train import engine as E
+from train.baselines import popularity_metrics
 from train.evaluate import evaluate
 from train.losses import compute_loss
 
@@ -147,14 +148,17 @@ def main(cfg: PretrainConfig) -> dict:
     train_seconds = time.perf_counter() - t_start
     E.load_checkpoint(eng, ckpt, "best", None, with_optimizer=False)
     test = run_eval(eng, cfg, "test", manifest, dev)
+    popularity = popularity_metrics(cfg.shards, "test", cfg.data, cfg.eval, all_reduce=E.all_reduce_sum)
     metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=state.get("best_valid"),
-                   test=test, train_seconds_this_run=round(train_seconds, 1), world_size=world,
+                   test=test, test_popularity=popularity, train_seconds_this_run=round(train_seconds, 1),
+                   world_size=world,
                    dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
     E.write_json(run_dir / "metrics.json", metrics)
     E.write_json(run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
                                              manifest_hash=manifest["content_hash"], metrics=test,
                                              world_size=world, epochs=state["history"]))
     if rank == 0:
-        print(f"test at best epoch {state['best_epoch']}: " +
-              "  ".join(f"{k} {test[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")))
+        keys = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
+        print(f"test at best epoch {state['best_epoch']}: " + "  ".join(f"{k} {test[k]:.4f}" for k in keys))
+        print("popularity baseline:     " + "  ".join(f"{k} {popularity[k]:.4f}" for k in keys))
     return metrics
