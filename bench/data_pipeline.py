@@ -14,7 +14,6 @@ import datetime
 import json
 import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import git_sha  # noqa: E402
 from configs.schema import LoaderConfig, ShardConfig  # noqa: E402
 from data_pipeline.collate import collate, example_to_tokens, make_loader  # noqa: E402
 from data_pipeline.read_shards import load_manifest, read_shards  # noqa: E402
@@ -61,14 +61,6 @@ def prepare(raw: str, dataset: str) -> Path:
     out = Path(tempfile.mkdtemp(prefix="bench-shards-")) / dataset
     write_shards(read_dataset(dataset, raw), out, ShardConfig())
     return out
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv=None):

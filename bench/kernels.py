@@ -24,7 +24,6 @@ import datetime
 import json
 import math
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +32,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.common import git_sha  # noqa: E402
 
 
 def zipf_lengths(max_len: int, tokens: int, exponent: float, gen: torch.Generator) -> list[int]:
@@ -166,14 +167,6 @@ def run_one(name: str, make, b: dict, flops: float, args) -> dict:
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
     torch.cuda.empty_cache()
     return row
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def markdown(r: dict) -> str:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import git_sha
+
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
 
@@ -72,8 +74,7 @@ def write_results(name: str, title: str, summary: dict, reference: list[tuple], 
                   command: str, extra_rows: dict | None = None) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
+    sha = git_sha()
     meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                 git_sha=sha, command=command)
     (out / f"{name}.json").write_text(json.dumps(dict(**meta, results=summary, extra=extra_rows or {},
