@@ -179,8 +179,8 @@ class TrainConfig:
     """Stop after this many evaluations without a better validation NDCG@10 (0 = never stop early)."""
     eval_every: int = 1
     """Evaluate on the validation split every this many epochs."""
-    log_every: int = 10
-    """Write a JSONL log line every this many steps."""
+    log_every: int = 1
+    """Write a JSONL log line (loss, lr, tokens/s) every this many optimizer steps."""
     max_steps_per_epoch: int = 0
     """Cap on optimizer steps per epoch (0 = the whole epoch); for smoke tests."""
 
