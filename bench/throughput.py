@@ -27,6 +27,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import git_sha  # noqa: E402
 from configs.schema import LoaderConfig, LossConfig, ModelConfig  # noqa: E402
 from data_pipeline.collate import make_loader  # noqa: E402
 from data_pipeline.read_shards import load_manifest  # noqa: E402
@@ -117,7 +118,7 @@ def main(argv=None):
         print(f"{kind:12s} {rows[kind]['tokens_per_s']:>10,} tokens/s")
     base = rows.get("hstu", {}).get("tokens_per_s")
     machine = f"{platform.machine()}, {torch.get_num_threads()} threads"
-    result = dict(date=datetime.date.today().isoformat(), machine=machine,
+    result = dict(date=datetime.date.today().isoformat(), machine=machine, git_sha=git_sha(),
                   torch=torch.__version__, command="python bench/throughput.py " + " ".join(sys.argv[1:]),
                   config=dict(layers=args.layers, dim=args.dim, heads=args.heads, batch=128, max_len=200,
                               negatives=args.negatives, timed_batches=args.batches),
@@ -128,7 +129,8 @@ def main(argv=None):
     name = f"throughput_l{args.layers}_h{args.heads}"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"# Training throughput, ML-1M lengths ({args.layers} layers, D {args.dim}, {args.heads} heads)", "",
-             f"{result['date']}, {result['machine']}, torch {result['torch']}, `{result['command']}`", "",
+             f"{result['date']}, {result['machine']}, git {result['git_sha']}, torch {result['torch']}, "
+             f"`{result['command']}`", "",
              "| model | tokens/s | HSTU-ref is x faster |", "|---|---|---|"]
     for k, v in rows.items():
         lines.append(f"| {k} | {v['tokens_per_s']:,} | {result['ratios_vs_hstu'].get(k, '')} |")
