@@ -16,14 +16,13 @@ For sequence b with n tokens (values offsets[b]:offsets[b+1]), per head, rows i 
 
 Implementation: sequences are sorted by length and grouped so each group's padded area is at most 10%
 over its real area (groups of >= 16), each group is computed densely, and all groups gather from and
-scatter to the jagged tensors through one flat index. Measured 2026-11-22 on an idle 2-core machine
-with the method of `python bench/attention_ref.py` (ML-1M's length mix, batch 128 truncated to 200,
-mean length 108; q, k, v fwd + bwd with position and time bias; median of 4; the per-sequence loop then
-was a bucket of one sequence each). Re-run it before trusting these: under load the times inflate ~5x.
+scatter to the jagged tensors through one flat index. Measured 2026-11-22 on an idle 2-core machine by
+`python bench/attention_ref.py --shards shards/ml-1m` (ML-1M's length mix, batch 128 truncated to 200,
+mean length 108; q, k, v fwd + bwd with position and time bias; median of 4; under load times inflate):
 
-    one padded (B, N, N) block     H1 d50 103 ms   H2 d25 196 ms
-    length-bucketed (this file)    H1 d50  48 ms   H2 d25  61 ms
-    a loop over sequences          H1 d50 149 ms   H2 d25 145 ms
+    one padded (B, N, N) block     H1 d50 133 ms   H2 d25 252 ms
+    length-bucketed (this file)    H1 d50  41 ms   H2 d25  49 ms
+    a loop over sequences          H1 d50 218 ms   H2 d25 180 ms
 
 Two custom backward passes carry much of that: a bias gather from a 129-entry table by 5M indices and a
 row gather by token index both default to an accumulating index_put, ~40 ms of the first 93 ms version.
