@@ -122,14 +122,19 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return x.to(t.device)
 
 
-def lockstep(batches, make_dummy):
-    """Yield (batch, is_real) until every rank is out of batches. A rank that runs out early feeds dummy
-    batches so collective forwards (ZeRO-3 gathers parameters in forward) stay matched across ranks."""
+def _with_rank_count(batches):
+    """Yield (batch or None, how many ranks have a batch at this step), one collective per step."""
     it = iter(batches)
     while True:
         b = next(it, None)
-        flag = torch.tensor([0.0 if b is None else 1.0])
-        if all_reduce_sum(flag).item() == 0:
+        yield b, int(all_reduce_sum(torch.tensor([0.0 if b is None else 1.0])).item())
+
+
+def lockstep(batches, make_dummy):
+    """Yield (batch, is_real) until every rank is out of batches. A rank that runs out early feeds dummy
+    batches so collective forwards (ZeRO-3 gathers parameters in forward) stay matched across ranks."""
+    for b, have in _with_rank_count(batches):
+        if have == 0:
             return
         yield (b, True) if b is not None else (make_dummy(), False)
 
@@ -138,11 +143,8 @@ def while_all_have(batches):
     """Yield batches while every rank has one: ranks' shard shares differ by up to one shard, and an
     optimizer step with a rank missing would hang the gradient all-reduce. The remainder of the longer
     ranks is dropped this epoch (the shard order is reshuffled every epoch, so it is different data)."""
-    it = iter(batches)
-    while True:
-        b = next(it, None)
-        flag = torch.tensor([0.0 if b is None else 1.0])
-        if all_reduce_sum(flag).item() < dist.get_world_size():
+    for b, have in _with_rank_count(batches):
+        if have < dist.get_world_size():
             return
         yield b
 
