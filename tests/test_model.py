@@ -89,21 +89,33 @@ def test_loss_falls_on_synthetic_world(world_shards, variant):
     assert last < 0.85 * first, (first, last)
 
 
-def test_per_position_logits_dense_and_chunked_agree(monkeypatch):
+def test_per_position_logits_match_a_direct_gather_with_repeated_ids():
     g = torch.Generator().manual_seed(0)
     states = torch.randn(37, 8, generator=g, dtype=torch.float64, requires_grad=True)
     table = torch.randn(11, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    idx = torch.randint(0, 11, (37, 5), generator=g)
+    idx = torch.randint(0, 11, (37, 5), generator=g)  # 185 draws of 11 rows: many repeats in and across rows
+    idx[0] = 3  # one row drawing the same item 5 times
     direct = torch.einsum("pd,prd->pr", states, table[idx])
     gout = torch.randn(37, 5, generator=g, dtype=torch.float64)
-    want = torch.autograd.grad(direct, (states, table), gout)
-    for dense_max in (10**9, 0):  # dense path, then the chunked path
-        monkeypatch.setattr(losses._PerPositionLogits, "DENSE_MAX", dense_max)
-        monkeypatch.setattr(losses._PerPositionLogits, "CHUNK", 16)
-        out = losses._PerPositionLogits.apply(states, table, idx)
-        torch.testing.assert_close(out, direct)
-        for a, b in zip(torch.autograd.grad(out, (states, table), gout), want):
-            torch.testing.assert_close(a, b)
+    out = losses._PerPositionLogits.apply(states, table, idx)
+    torch.testing.assert_close(out, direct)
+    for a, b in zip(torch.autograd.grad(out, (states, table), gout), torch.autograd.grad(direct, (states, table), gout)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("num_items", [5, 5000])  # whole-table path, then the unique() path (P x R < items)
+def test_sampled_softmax_paths_equal_the_formula(num_items):
+    torch.manual_seed(0)
+    model = TableModel(torch.randn(num_items + 1, 6, dtype=torch.float64))
+    states = F.normalize(torch.randn(7, 6, dtype=torch.float64), dim=-1)
+    targets = torch.randint(1, num_items + 1, (7,))
+    cfg = LossConfig(num_negatives=9)
+    logits = losses.sampled_softmax_logits(states, targets, model, cfg, num_items, torch.Generator().manual_seed(1))
+    neg = torch.randint(1, num_items + 1, (7, 9), generator=torch.Generator().manual_seed(1))  # the same draws
+    emb = F.normalize(model.embed.item.weight, dim=-1)
+    want = torch.einsum("pd,prd->pr", states, emb[torch.cat([targets[:, None], neg], 1)])
+    want[:, 1:] = want[:, 1:].masked_fill(neg == targets[:, None], losses.MASKED)
+    torch.testing.assert_close(logits, want)
 
 
 class TableModel(torch.nn.Module):

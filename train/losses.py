@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import LossConfig
+from model.generative import generative_loss
 
 MASKED = -1e4  # logit of a masked candidate: exp(-1e4) == 0 in fp32 and bf16
 
@@ -24,39 +25,33 @@ MASKED = -1e4  # logit of a masked candidate: exp(-1e4) == 0 in fp32 and bf16
 class _PerPositionLogits(torch.autograd.Function):
     """logits[p, r] = <states[p], table[idx[p, r]]> for P positions x R negatives each, table (C, D).
 
-    Two strategies, same result. Dense, when the (P, C) score matrix is small enough: scores = states @
-    table.T, then gather; backward scatters the (P, R) gradient into (P, C) and does two matmuls. Chunked
-    otherwise: gather (chunk, R, D) rows and index_add the table gradient. On an ML-1M batch (P = 13k,
-    R = 128, C = 3.7k, D = 50) the dense path's fwd+bwd took ~0.15 s against ~1.2 s chunked (index_add of
-    1.7M rows is serial on CPU), measured here; a catalogue of millions takes the chunked path."""
-
-    CHUNK = 2048
-    DENSE_MAX = 64 * 2**20  # elements of the (P, C) matrix: 256 MB in fp32
+    Memory O(P x R), any catalogue size, and no (P, R, D) or (P, C) tensor. Three fused primitives:
+    - forward: embedding_bag's per_sample_weights gradient is exactly <grad_out[p], table[idx[p, r]]>,
+      a gather-dot that never materialises the gathered rows;
+    - d states[p] = sum_r g[p, r] table[idx[p, r]]: embedding_bag with per_sample_weights = g;
+    - d table = G^T @ states with G the sparse (P, C) matrix of g: a COO sparse-dense matmul.
+    On an ML-1M batch (P = 13.5k, R = 128, C = 3.7k, D = 50, 2 threads, measured here) fwd 43 ms + bwd
+    51 ms, against 118 + 158 ms for the dense (P, C) score matrix this replaced and ~1.2 s for
+    gather + index_add; it also drops the 28 ms unique() the dense path needed to shrink C."""
 
     @staticmethod
     def forward(ctx, states, table, idx):
         ctx.save_for_backward(states, table, idx)
-        if idx.shape[0] * table.shape[0] <= _PerPositionLogits.DENSE_MAX:
-            return (states @ table.T).gather(1, idx)  # (P, R)
-        out = states.new_empty(idx.shape)
-        for c in range(0, idx.shape[0], _PerPositionLogits.CHUNK):
-            sl = slice(c, c + _PerPositionLogits.CHUNK)
-            out[sl] = torch.einsum("pd,prd->pr", states[sl], table[idx[sl]])
-        return out
+        w = torch.ones(idx.shape, dtype=states.dtype, device=states.device, requires_grad=True)
+        with torch.enable_grad():
+            bags = F.embedding_bag(idx, table.detach(), per_sample_weights=w, mode="sum")  # (P, D)
+            (logits,) = torch.autograd.grad(bags, w, states.detach())  # (P, R)
+        return logits
 
     @staticmethod
     def backward(ctx, grad):
         states, table, idx = ctx.saved_tensors
-        if idx.shape[0] * table.shape[0] <= _PerPositionLogits.DENSE_MAX:
-            g = grad.new_zeros(idx.shape[0], table.shape[0]).scatter_add_(1, idx, grad)  # (P, C)
-            return g @ table, g.T @ states, None
-        g_states, g_table = torch.empty_like(states), torch.zeros_like(table)
-        for c in range(0, idx.shape[0], _PerPositionLogits.CHUNK):
-            sl = slice(c, c + _PerPositionLogits.CHUNK)
-            g_states[sl] = torch.einsum("pr,prd->pd", grad[sl], table[idx[sl]])
-            contrib = grad[sl][:, :, None] * states[sl][:, None, :]  # (chunk, R, D)
-            g_table.index_add_(0, idx[sl].reshape(-1), contrib.reshape(-1, states.shape[1]))
-        return g_states, g_table, None
+        P, R = idx.shape
+        g_states = F.embedding_bag(idx, table, per_sample_weights=grad.to(table.dtype), mode="sum")  # (P, D)
+        rows = torch.arange(P, device=idx.device).repeat_interleave(R)
+        g_t = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), rows]), grad.reshape(-1).to(states.dtype),
+                                      (table.shape[0], P), check_invariants=False)  # (C, P); ids < C by construction
+        return g_states.to(states.dtype), torch.sparse.mm(g_t, states).to(table.dtype), None
 
 
 def _item_rows(model, ids: torch.Tensor) -> torch.Tensor:
@@ -77,10 +72,13 @@ def sampled_softmax_logits(states, targets, model, cfg: LossConfig, num_items: i
         neg_logits = neg_logits.masked_fill(neg[None, :] == targets[:, None], MASKED)
     else:
         neg = torch.randint(1, num_items + 1, (P, R), generator=generator, device=dev)  # (P, R)
-        ids, inv = torch.unique(torch.cat([targets, neg.reshape(-1)]), return_inverse=True)
-        emb = _item_rows(model, ids)  # (C, D)
-        pos = (states * emb[inv[:P]]).sum(-1, keepdim=True)
-        neg_logits = _PerPositionLogits.apply(states, emb, inv[P:].view(P, R))  # (P, R)
+        if P * R >= num_items:  # the draws cover the catalogue: normalise the whole table, skip unique()
+            emb, pos_row, neg_row = _item_rows(model, torch.arange(num_items + 1, device=dev)), targets, neg
+        else:  # a huge catalogue: normalise only the rows drawn
+            ids, inv = torch.unique(torch.cat([targets, neg.reshape(-1)]), return_inverse=True)
+            emb, pos_row, neg_row = _item_rows(model, ids), inv[:P], inv[P:].view(P, R)
+        pos = (states * emb[pos_row]).sum(-1, keepdim=True)  # (P, 1)
+        neg_logits = _PerPositionLogits.apply(states, emb, neg_row)  # (P, R)
         neg_logits = neg_logits.masked_fill(neg == targets[:, None], MASKED)
     parts = [pos, neg_logits]
     if cfg.in_batch_negatives:
@@ -120,4 +118,7 @@ def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None):
     else:
         raise ValueError(f"loss.kind must be sampled_softmax or full_softmax, got {cfg.kind!r}")
     loss = F.cross_entropy(logits.float() / cfg.temperature, labels)
+    head = getattr(model, "gen_head", None)
+    if head is not None:  # the next item's semantic-ID tuple, level by level, under the trie
+        loss = loss + cfg.generative_weight * generative_loss(head, s, model.embed.item.codes[t], model.code_trie())
     return loss, {"loss": float(loss.detach()), "positions": int(t.numel()), "tokens": int(states.shape[0])}
