@@ -1,10 +1,10 @@
-"""Sequential-recommendation baselines on Amazon Beauty (ID-only) and ML-100K, for later issues.
+"""Sequential-recommendation baselines on ML-100K (Amazon Beauty has its own script, bench/beauty.py,
+with the ID-only, semantic-ID and content rows on one cold-start split).
 
-    python bench/datasets.py beauty ../shared/data/amazon-beauty           # HSTU + SASRec, 1 seed
     python bench/datasets.py ml-100k ../shared/data/ml-100k --seeds 3
 
 Same driver as bench/ml1m.py (resumable run by run, validation-selected, test once). Results:
-bench/results/{beauty,ml100k}.{md,json}.
+bench/results/ml100k.{md,json}.
 """
 from __future__ import annotations
 
@@ -19,13 +19,6 @@ from configs.schema import EvalConfig, LoaderConfig  # noqa: E402
 from train.baselines import popularity_metrics  # noqa: E402
 
 DATASETS = {
-    "beauty": dict(reader="amazon-beauty", shards="amazon-beauty", title="Amazon Beauty (ID-only), full ranking",
-                   configs={"hstu": "configs/pretrain/beauty_hstu.yaml",
-                            "sasrec": "configs/pretrain/beauty_sasrec.yaml"},
-                   reference=[("TIGER paper (R@10, N@10; R@5 .0454, N@5 .0321)", "TIGER", .0648, .0384, "", ""),
-                              ("RecBole, CE loss", "SASRec", .0821, .0405, "", "")],
-                   notes=["Leave-one-out P5/TIGER split of the 5-core data; TIGER and SASRec-CE numbers are as "
-                          "published (their model selection), ours test once at the best validation epoch."]),
     "ml-100k": dict(reader="ml-100k", shards="ml-100k", title="ML-100K, full ranking",
                     configs={"hstu": "configs/pretrain/ml100k_hstu.yaml",
                              "sasrec": "configs/pretrain/ml100k_sasrec.yaml"},

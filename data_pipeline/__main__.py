@@ -7,7 +7,7 @@ import sys
 import time
 
 from configs.load import help_text, load_config, save_config
-from configs.schema import PrepareConfig
+from configs.schema import ContentStageConfig, PrepareConfig
 from data_pipeline.read_shards import load_manifest
 from data_pipeline.schema import DataError
 
@@ -43,6 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
                        help="skip malformed rows and report how many, instead of stopping at the first")
         s.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
         s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = sub.add_parser("content", help="embed the catalog (text + extra modalities) and build semantic IDs",
+                       description="shards/catalog.jsonl.gz -> content/<modality>.npy -> semantic_ids/ (fitted on "
+                       "warm items; cold items get codes from the saved codebook)",
+                       epilog=help_text(ContentStageConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--shards", help="shard folder (overrides the config's `shards`)")
+    s.add_argument("--config", help="YAML file with ContentStageConfig keys (e.g. configs/content/beauty.yaml)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set semantic_ids.method=rqvae (repeatable)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = sub.add_parser("images", help="synthetic item images -> a small random ViT -> image vectors (.npy + ids)",
+                       description="The image path end to end without downloadable weights: images drawn from "
+                       "each item's category, embedded by a randomly initialised ViT; pass the output to "
+                       "`content` with --set content.extra_modalities=[image=PATH]")
+    s.add_argument("--shards", required=True, help="shard folder whose catalog gets images")
+    s.add_argument("--out", required=True, help="output .npy path (a sibling .ids.txt is written too)")
+    s.add_argument("--seed", type=int, default=0, help="image and ViT seed (default 0)")
     s = sub.add_parser("inspect", help="print the summary table of an existing shard set")
     s.add_argument("shards", help="folder with manifest.json")
     return p
@@ -84,8 +101,38 @@ def summary_table(m: dict) -> str:
     lines.append(f"dataset {m['dataset']}  has_timestamps={m['has_timestamps']}  shards={len(m['shards'])}  "
                  f"short users={c['short_users']} ({c['short_users_policy']})  skipped rows={c['skipped_rows']}  "
                  f"content_hash={m['content_hash'][:16]}")
+    cold = c.get("cold") or {}
+    if cold.get("items"):
+        lines.append(f"cold items held out of training: {cold['items']:,} ({cold['events']:,} events removed from "
+                     f"inputs; {cold['test_targets']:,} cold test targets; {cold['valid_targets_dropped']:,} "
+                     "validation targets dropped)")
     lines += [f"note: {n}" for n in m["notes"]]
     return "\n".join(lines)
+
+
+def content_main(args) -> int:
+    from data_pipeline import content_stage
+    from data_pipeline.content import ContentError, make_image_features
+    t0 = time.time()
+    try:
+        if args.command == "images":
+            print(f"wrote {make_image_features(args.shards, args.out, seed=args.seed)}")
+            return 0
+        cfg = load_config(ContentStageConfig, args.config, args.set)
+        if args.shards:
+            cfg = dataclasses.replace(cfg, shards=args.shards)
+        summary = content_stage.run(cfg, progress=not args.quiet)
+    except (ContentError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    save_config(cfg, f"{cfg.shards}/{content_stage.SID_DIR}/content_config.json")
+    st = summary["stats"]
+    print(f"content: {summary['content_modalities']}  semantic IDs: {summary['method']} "
+          f"levels {summary['level_sizes']}")
+    print(f"codebook usage per level {[round(u, 3) for u in st['usage']]}  collision rate {st['collision_rate']:.4f}  "
+          f"max group {st['max_group']}  recon rel. error {st['recon_rel_error']}")
+    print(f"done in {time.time() - t0:.1f}s -> {cfg.shards}/{content_stage.SID_DIR}/")
+    return 0
 
 
 def main(argv=None) -> int:
@@ -93,6 +140,8 @@ def main(argv=None) -> int:
     if args.command == "inspect":
         print(summary_table(load_manifest(args.shards)))
         return 0
+    if args.command in ("content", "images"):
+        return content_main(args)
     cfg = resolve_config(args)
     from data_pipeline.write_shards import write_shards
     t0 = time.time()

@@ -59,20 +59,41 @@ def shard_urls(shard_dir: str | Path, manifest: dict, skip_bad: bool = False) ->
     return urls
 
 
-def cut_for_split(seq: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray | None] | None:
+def cut_for_split(seq: np.ndarray, split: str, cold: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """One user's sequence (5, n) -> (history (5, h), target event (5,) or None) for `split`.
 
     train: history = events[:n-2] (all events for users too short to evaluate), no target (the
     targets are the next items inside the history); valid: history = events[:n-2], target = events[n-2];
     test: history = events[:n-1], target = events[n-1]. Returns None when the user has no example.
+
+    `cold` (sorted dense item ids held out of training, manifest split_rule.cold_items): their events
+    are removed from every history after the cut, and a cold validation target drops the user's
+    validation example; a cold test target is kept (that is the cold-start slice).
     """
     n = seq.shape[1]
     if split == "train":
-        return (seq[:, :n - 2] if n >= 3 else seq), None
-    if n < 3:
+        hist, target = (seq[:, :n - 2] if n >= 3 else seq), None
+    elif n < 3:
         return None
-    cut = n - 2 if split == "valid" else n - 1
-    return seq[:, :cut], seq[:, cut]
+    else:
+        cut = n - 2 if split == "valid" else n - 1
+        hist, target = seq[:, :cut], seq[:, cut]
+    if cold is not None and len(cold):
+        if split == "valid" and _is_cold(target[schema.ROW_ITEM], cold):
+            return None
+        hist = hist[:, ~np.isin(hist[schema.ROW_ITEM], cold)]
+    return hist, target
+
+
+def _is_cold(item: int, cold: np.ndarray) -> bool:
+    i = np.searchsorted(cold, item)
+    return bool(i < len(cold) and cold[i] == item)
+
+
+def cold_items(manifest: dict) -> np.ndarray:
+    """Sorted dense ids of the items held out of training (empty when the shards have none)."""
+    return np.asarray(manifest["split_rule"].get("cold_items", []), dtype=np.int64)
 
 
 def _decode(skip: bool):
@@ -108,10 +129,10 @@ def _open_verified(checksums: dict[str, str], skip: bool):
     return stage
 
 
-def _to_example(split: str):
+def _to_example(split: str, cold: np.ndarray):
     def stage(src):
         for s in src:
-            cut = cut_for_split(s["seq"], split)
+            cut = cut_for_split(s["seq"], split, cold)
             if cut is None:
                 continue
             s["history"], s["target"] = cut
@@ -154,7 +175,7 @@ def read_shards(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     stages = [wds.SimpleShardList(urls, seed=cfg.seed + epoch if shuffle else None),
               wds.split_by_node, wds.split_by_worker, _open_verified(checksums, cfg.skip_bad_shards),
               partial(tar_file_expander, handler=handler), partial(group_by_keys, handler=handler),
-              _decode(cfg.skip_bad_shards), _to_example(split)]
+              _decode(cfg.skip_bad_shards), _to_example(split, cold_items(manifest))]
     if shuffle and cfg.shuffle_buffer > 0:
         stages.append(_seeded_shuffle(cfg.shuffle_buffer, cfg.seed, epoch))
     return wds.DataPipeline(*stages)

@@ -168,7 +168,9 @@ def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
                   for i, g in enumerate(tqdm(groups, desc="writing shards", unit="shard", disable=not progress))]
         _write_catalog(tmp / "catalog.jsonl.gz", enc, ds)
         counts, per_domain = _counts(enc, spans, short, ds)
-        manifest = _manifest(ds, enc, counts, per_domain, shards, cfg)
+        cold = _cold_items(len(enc["items"]), cfg)
+        counts["cold"] = _cold_counts(enc, spans, cold)
+        manifest = _manifest(ds, enc, counts, per_domain, shards, cfg, cold)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         _commit(tmp, out)
     except BaseException:
@@ -177,13 +179,36 @@ def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
     return manifest
 
 
-def _manifest(ds, enc, counts, per_domain, shards, cfg) -> dict:
+def _cold_items(num_items: int, cfg: ShardConfig) -> np.ndarray:
+    """round(cold_item_frac x I) dense item ids drawn uniformly without replacement (seeded), sorted."""
+    if not 0.0 <= cfg.cold_item_frac < 1.0:
+        raise ValueError(f"shards.cold_item_frac must be in [0, 1), got {cfg.cold_item_frac}")
+    k = round(cfg.cold_item_frac * num_items)
+    rng = np.random.default_rng(cfg.seed + 7919)  # its own stream: the shard assignment stays unchanged
+    return np.sort(rng.choice(np.arange(1, num_items + 1), size=k, replace=False)) if k else np.zeros(0, np.int64)
+
+
+def _cold_counts(enc: dict, spans: list, cold: np.ndarray) -> dict:
+    """How much the cold-item hold-out removes and how many test targets it leaves to measure on."""
+    items = enc["seq"][schema.ROW_ITEM]
+    eval_spans = [(s, e) for _, s, e in spans if e - s >= MIN_EVENTS_FOR_EVAL]
+    test_items = np.array([items[e - 1] for s, e in eval_spans], dtype=np.int64)
+    valid_items = np.array([items[e - 2] for s, e in eval_spans], dtype=np.int64)
+    kept = np.concatenate([np.arange(s, e) for _, s, e in spans]) if spans else np.zeros(0, np.int64)
+    return dict(items=int(len(cold)), events=int(np.isin(items[kept], cold).sum()),
+                test_targets=int(np.isin(test_items, cold).sum()),
+                valid_targets_dropped=int(np.isin(valid_items, cold).sum()))
+
+
+def _manifest(ds, enc, counts, per_domain, shards, cfg, cold) -> dict:
     id_maps = dict(items=["<pad>"] + enc["items"], users=enc["users"], domains=enc["domains"],
                    queries=enc["queries"])
     h = hashlib.sha256()
     for s in shards:
         h.update(s["sha256"].encode())
     h.update(json.dumps(id_maps, sort_keys=True).encode())
+    if len(cold):  # the hold-out changes every split, so it is part of the data's identity
+        h.update(json.dumps(cold.tolist()).encode())
     return dict(
         format_version=FORMAT_VERSION, dataset=ds.name,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -193,7 +218,8 @@ def _manifest(ds, enc, counts, per_domain, shards, cfg) -> dict:
                    num_domains=len(enc["domains"]), num_queries=len(enc["queries"]) - 1,
                    num_token_types=schema.NUM_TOKEN_TYPES),
         split_rule=dict(rule=SPLIT_RULE, min_events_for_eval=MIN_EVENTS_FOR_EVAL,
-                        short_users=cfg.short_users),
+                        short_users=cfg.short_users, cold_item_frac=cfg.cold_item_frac,
+                        cold_items=cold.tolist()),
         seq_rows=list(schema.SEQ_ROWS), shards=shards, catalog="catalog.jsonl.gz",
         semantic_ids=None, notes=list(ds.notes),
         id_maps=id_maps, item_domain=enc["item_domain"].tolist(),

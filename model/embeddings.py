@@ -8,6 +8,7 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from data_pipeline import schema
+from model.items import ItemEncoder, ItemFeatures
 
 
 def jagged_positions(offsets: torch.Tensor, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -20,14 +21,12 @@ def jagged_positions(offsets: torch.Tensor, L: int) -> tuple[torch.Tensor, torch
 class TokenEmbedding(nn.Module):
     """Sum of the embeddings of one token's fields -> (L, D), then dropout."""
 
-    def __init__(self, cfg: ModelConfig, num_items: int, num_queries: int, max_len: int):
+    def __init__(self, cfg: ModelConfig, num_items: int, num_queries: int, max_len: int,
+                 feats: ItemFeatures | None = None):
         super().__init__()
         D = cfg.dim
         self.scale = math.sqrt(D)  # the research recipe: item_emb * sqrt(D), embeddings init with std 0.02
-        self.item = nn.Embedding(num_items + 1, D, padding_idx=0)
-        nn.init.trunc_normal_(self.item.weight, std=0.02)
-        with torch.no_grad():
-            self.item.weight[0].zero_()
+        self.item = ItemEncoder(cfg.item_repr, num_items, D, feats)  # also the retrieval table
         self.query = None
         if num_queries > 0:  # query tokens: a query id embedding + a token-type embedding
             self.query = nn.Embedding(num_queries + 1, D, padding_idx=0)

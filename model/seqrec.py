@@ -15,23 +15,31 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from model.embeddings import TokenEmbedding, jagged_positions
+from model.generative import CodeTrie, GenerativeHead
 from model.hstu import HSTUBlock
+from model.items import ItemFeatures
 from model.sasrec import SASRecBlock
 
 
 class SeqRecModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, num_items: int, num_queries: int, max_len: int):
+    def __init__(self, cfg: ModelConfig, num_items: int, num_queries: int, max_len: int,
+                 feats: ItemFeatures | None = None):
         super().__init__()
         if cfg.arch not in ("hstu", "sasrec"):
             raise ValueError(f"model.arch must be 'hstu' or 'sasrec', got {cfg.arch!r}")
         self.cfg, self.max_len = cfg, max_len
-        self.embed = TokenEmbedding(cfg, num_items, num_queries, max_len)
+        self.embed = TokenEmbedding(cfg, num_items, num_queries, max_len, feats)
         if cfg.arch == "hstu":
             self.blocks = nn.ModuleList(HSTUBlock(cfg, max_len) for _ in range(cfg.num_layers))
             self.final_norm = nn.Identity()  # research HSTU: no final LN, output L2-normalised
         else:
             self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
             self.final_norm = nn.LayerNorm(cfg.dim, eps=1e-8)
+        self.gen_head, self._trie = None, None
+        if cfg.generative_head:
+            if self.embed.item.level_sizes is None:
+                raise ValueError("model.generative_head needs semantic-ID codes: run `python -m data_pipeline content`")
+            self.gen_head = GenerativeHead(cfg.dim, self.embed.item.level_sizes)
 
     def forward(self, batch) -> torch.Tensor:
         """JaggedBatch -> states (L, D), L2-normalised."""
@@ -43,12 +51,21 @@ class SeqRecModel(nn.Module):
             x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len)
         return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
 
+    def code_trie(self) -> CodeTrie:
+        """Prefix trie of every item's semantic-ID tuple (built once, on the codes' device)."""
+        codes = self.embed.item.codes
+        if self._trie is None or self._trie.device != codes.device:
+            self._trie = CodeTrie(codes, self.embed.item.level_sizes).to(codes.device)
+        return self._trie
+
     def item_embeddings(self) -> torch.Tensor:
         """(I+1, D) unit-norm item table; row 0 (padding) is zero."""
-        return F.normalize(self.embed.item.weight, dim=-1, eps=1e-6)
+        ids = self.embed.item.all_ids(next(self.parameters()).device)
+        return F.normalize(self.embed.item(ids), dim=-1, eps=1e-6)
 
 
-def build_model(cfg: ModelConfig, manifest: dict, max_len: int) -> SeqRecModel:
-    """The model for a shard set: vocab sizes come from its manifest."""
+def build_model(cfg: ModelConfig, manifest: dict, max_len: int, feats: ItemFeatures | None = None) -> SeqRecModel:
+    """The model for a shard set: vocab sizes come from its manifest; `feats` (semantic-ID codes, content
+    vectors) from `model.items.load_item_features` when cfg.item_repr needs them."""
     v = manifest["vocab"]
-    return SeqRecModel(cfg, v["num_items"], v["num_queries"], max_len)
+    return SeqRecModel(cfg, v["num_items"], v["num_queries"], max_len, feats)

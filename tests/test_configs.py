@@ -72,7 +72,8 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(schema.PrepareConfig, f) == cfg
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_yaml_files_load(path):
-    cls = schema.PretrainConfig if path.parent.name == "pretrain" else schema.PrepareConfig
-    load_config(cls, path)
+    cls = {"pretrain": schema.PretrainConfig, "data": schema.PrepareConfig, "content": schema.ContentStageConfig}
+    load_config(cls[path.parent.name], path)

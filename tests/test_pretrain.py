@@ -73,7 +73,7 @@ def test_zero3_bf16_two_processes(tmp_path, shards):
     torchrun(run, shards, ["train.epochs=1", "train.zero_stage=3", "train.precision=bf16"])
     sd = params(run, "best")
     num_items = json.loads((shards / "manifest.json").read_text())["vocab"]["num_items"]
-    assert sd["embed.item.weight"].dtype == torch.float32 and sd["embed.item.weight"].shape == (num_items + 1, 16)
+    assert sd["embed.item.id.weight"].dtype == torch.float32 and sd["embed.item.id.weight"].shape == (num_items + 1, 16)
     m = json.loads((run / "metrics.json").read_text())
     assert m["test"]["count"] == 160
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from configs.schema import EvalConfig, LoaderConfig
 from data_pipeline.collate import make_loader
-from data_pipeline.read_shards import load_manifest, read_shards
+from data_pipeline.read_shards import cold_items, load_manifest, read_shards
 from data_pipeline.schema import ROW_ITEM
 from train.evaluate import evaluate
 
@@ -51,4 +51,5 @@ def popularity_metrics(shard_dir, split: str, loader: LoaderConfig, cfg: EvalCon
     model = PopularityModel(item_counts(shard_dir, n, all_reduce))
     batches = ((b, True) for b in make_loader(shard_dir, split, replace(loader, batch_size=cfg.batch_size),
                                               shuffle=False))
-    return evaluate(model, batches, cfg, n, manifest["id_maps"]["domains"], all_reduce=all_reduce)
+    return evaluate(model, batches, cfg, n, manifest["id_maps"]["domains"], all_reduce=all_reduce,
+                    cold=torch.from_numpy(cold_items(manifest)))

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import EvalConfig
+from model.generative import beam_search
 
 
 def metric_names(ks: list[int]) -> list[str]:
@@ -72,31 +73,57 @@ def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int) -> torch.Tens
     return above + 1
 
 
+def generative_ranks(model, batch, cfg: EvalConfig, num_items: int) -> torch.Tensor:
+    """Rank of each sequence's target in the generative head's trie-constrained beam (B,): its 1-based
+    position among the top max(cfg.ks) decoded items, or num_items + 1 (a miss at every K) when absent.
+    cfg.ks must not exceed cfg.beam: a beam of width W cannot say where an item below W would rank."""
+    states = model(batch)  # (L, D)
+    last = batch.offsets[1:] - 1
+    q, targets = states[last].float(), batch.targets[last]  # (B, D), (B,)
+    exclude = _history_mask(batch, 0, num_items + 1, targets) if cfg.exclude_history else None
+    items, _ = beam_search(model.gen_head, model.code_trie(), q, cfg.beam, max(cfg.ks), exclude)  # (B, K)
+    hit = items == targets[:, None]
+    first = hit.float().argmax(1) + 1  # 1-based position of the target (items are distinct per row)
+    return torch.where(hit.any(1), first, torch.full_like(first, num_items + 1))
+
+
 @torch.no_grad()
 def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains: list[str],
-             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
-    """Mean metrics over all sequences (and per domain). `batches` yields (batch, is_real): fake batches
-    keep ranks in lock-step (ZeRO-3 forwards are collective) and are not counted. `all_reduce` sums a
-    tensor over ranks."""
+             all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+             cold: torch.Tensor | None = None, ranker: Callable | None = None) -> dict:
+    """Mean metrics over all sequences, per domain, and (when `cold`, sorted item ids held out of
+    training, is non-empty) per slice: targets that are cold items vs warm ones. `batches` yields
+    (batch, is_real): fake batches keep ranks in lock-step (ZeRO-3 forwards are collective) and are not
+    counted. `all_reduce` sums a tensor over ranks. `ranker(model, batch) -> ranks (B,)` replaces the
+    dot-product full ranking (e.g. the generative head's beam search)."""
     names = metric_names(cfg.ks)
-    sums = torch.zeros(len(domains), len(names) + 1, dtype=torch.float64)  # per domain: metrics + count
+    sums = torch.zeros(len(domains) + 2, len(names) + 1, dtype=torch.float64)  # domains, warm, cold: + count
     was_training = model.training
     model.eval()
     for batch, is_real in batches:
-        ranks = ranks_for_batch(model, batch, cfg, num_items)
+        ranks = ranker(model, batch) if ranker else ranks_for_batch(model, batch, cfg, num_items)
         if not is_real:
             continue
-        vals = torch.cat([rank_metrics(ranks, cfg.ks), torch.ones(len(ranks), 1, dtype=torch.float64)], 1)
-        sums.index_add_(0, batch.domain.cpu(), vals.cpu())
+        vals = torch.cat([rank_metrics(ranks, cfg.ks), torch.ones(len(ranks), 1, dtype=torch.float64)], 1).cpu()
+        sums.index_add_(0, batch.domain.cpu(), vals)
+        target = batch.targets[batch.offsets[1:] - 1].cpu()
+        is_cold = torch.isin(target, cold) if cold is not None else torch.zeros_like(target, dtype=torch.bool)
+        sums.index_add_(0, len(domains) + is_cold.long(), vals)
     model.train(was_training)
     sums = all_reduce(sums)
-    return summarize(sums, names, domains)
+    out = summarize(sums[:len(domains)], names, domains)
+    if cold is not None and len(cold):
+        out["per_slice"] = {name: _means(sums[len(domains) + i], names) for i, name in enumerate(("warm", "cold"))}
+    return out
+
+
+def _means(row: torch.Tensor, names: list[str]) -> dict:
+    n = float(row[-1])
+    return {"count": int(n), **{m: (float(row[i]) / n if n else math.nan) for i, m in enumerate(names)}}
 
 
 def summarize(sums: torch.Tensor, names: list[str], domains: list[str]) -> dict:
-    def means(row):
-        n = float(row[-1])
-        return {"count": int(n), **{m: (float(row[i]) / n if n else math.nan) for i, m in enumerate(names)}}
-    out = means(sums.sum(0))
-    out["per_domain"] = {d: means(sums[i]) for i, d in enumerate(domains) if sums[i, -1] > 0}
+    """(domains, M+1) sums of metrics + count -> overall means + per-domain means."""
+    out = _means(sums.sum(0), names)
+    out["per_domain"] = {d: _means(sums[i], names) for i, d in enumerate(domains) if sums[i, -1] > 0}
     return out

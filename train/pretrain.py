@@ -13,6 +13,7 @@ import json
 import random
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,12 @@ from tqdm import tqdm
 from configs.load import save_config
 from configs.schema import PretrainConfig
 from data_pipeline.collate import collate, make_loader
-from data_pipeline.read_shards import load_manifest
+from data_pipeline.read_shards import cold_items, load_manifest
+from model.items import load_item_features
 from model.seqrec import build_model
 from train import engine as E
 from train.baselines import popularity_metrics
-from train.evaluate import evaluate
+from train.evaluate import evaluate, generative_ranks
 from train.losses import compute_loss
 
 
@@ -52,14 +54,19 @@ def dummy_batch(dev):
     return collate([tok]).to(dev)
 
 
-def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev) -> dict:
+def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generative: bool = False) -> dict:
+    """Full-ranking metrics of the dot-product head, or (`generative`) of the semantic-ID beam search."""
     batches = (b.to(dev) for b in make_loader(cfg.shards, split, _eval_loader(cfg), shuffle=False))
-    return evaluate(eng, E.lockstep(batches, lambda: dummy_batch(dev)), cfg.eval, manifest["vocab"]["num_items"],
-                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum)
+    ecfg, ranker = cfg.eval, None
+    if generative:
+        ecfg = replace(cfg.eval, ks=[k for k in cfg.eval.ks if k <= cfg.eval.beam])
+        ranker = lambda m, b: generative_ranks(m, b, ecfg, manifest["vocab"]["num_items"])
+    return evaluate(eng, E.lockstep(batches, lambda: dummy_batch(dev)), ecfg, manifest["vocab"]["num_items"],
+                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum,
+                    cold=torch.from_numpy(cold_items(manifest)).to(dev), ranker=ranker)
 
 
 def _eval_loader(cfg: PretrainConfig):
-    from dataclasses import replace
     return replace(cfg.data, batch_size=cfg.eval.batch_size)
 
 
@@ -113,7 +120,7 @@ def main(cfg: PretrainConfig) -> dict:
     log = make_logger(run_dir, rank)
 
     # ---- model and engine ----------------------------------------------------------------------------
-    model = build_model(cfg.model, manifest, cfg.data.max_len).to(dev)
+    model = build_model(cfg.model, manifest, cfg.data.max_len, load_item_features(cfg.shards, cfg.model)).to(dev)
     eng = E.build_engine(model, cfg.train, cfg.data.batch_size)
     state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[])
     if cfg.resume and (ckpt / "last").exists():
@@ -148,9 +155,13 @@ def main(cfg: PretrainConfig) -> dict:
     train_seconds = time.perf_counter() - t_start
     E.load_checkpoint(eng, ckpt, "best", None, with_optimizer=False)
     test = run_eval(eng, cfg, "test", manifest, dev)
+    test_generative = None
+    if cfg.model.generative_head:
+        test_generative = run_eval(eng, cfg, "test", manifest, dev, generative=True)
     popularity = popularity_metrics(cfg.shards, "test", cfg.data, cfg.eval, all_reduce=E.all_reduce_sum)
     metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=state.get("best_valid"),
-                   test=test, test_popularity=popularity, train_seconds_this_run=round(train_seconds, 1),
+                   test=test, test_generative=test_generative, test_popularity=popularity,
+                   train_seconds_this_run=round(train_seconds, 1),
                    world_size=world,
                    dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
     E.write_json(run_dir / "metrics.json", metrics)
@@ -158,7 +169,11 @@ def main(cfg: PretrainConfig) -> dict:
                                              manifest_hash=manifest["content_hash"], metrics=test,
                                              world_size=world, epochs=state["history"]))
     if rank == 0:
-        keys = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr")
-        print(f"test at best epoch {state['best_epoch']}: " + "  ".join(f"{k} {test[k]:.4f}" for k in keys))
-        print("popularity baseline:     " + "  ".join(f"{k} {popularity[k]:.4f}" for k in keys))
+        show = lambda m: "  ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in m)
+        print(f"test at best epoch {state['best_epoch']}: {show(test)}")
+        for name, m in (test.get("per_slice") or {}).items():
+            print(f"  {name} targets ({m['count']:,}): {show(m)}")
+        if test_generative:
+            print(f"generative head (beam {cfg.eval.beam}): {show(test_generative)}")
+        print(f"popularity baseline:     {show(popularity)}")
     return metrics

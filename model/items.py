@@ -1,0 +1,108 @@
+"""Item representations: how an item id becomes a vector, for the input tokens and the retrieval table.
+
+    item_repr = "id"              E_id[i]                                   (memorises, knows nothing new)
+              | "sid"             sum_l E_l[code_l(i)]                      (semantic-ID codes only)
+              | "id+sid"          E_id[i] + sum_l E_l[code_l(i)]
+              | "id+sid+content"  E_id[i] + sum_l E_l[code_l(i)] + W content(i)
+
+The same module embeds input tokens and scores candidates, so an item never seen in training (a cold
+item) still gets a vector from its codes and content, both derived from its catalog text / image.
+Codes (I+1, Lc) and content vectors (I+1, F) are fixed buffers (saved with the weights, so an export is
+self-contained); row 0 is padding and always embeds to zero (query tokens carry item id 0).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from configs.schema import ModelConfig
+from data_pipeline.content import load_content
+from data_pipeline.semantic_ids import load_semantic_ids
+
+ITEM_REPRS = ("id", "sid", "id+sid", "id+sid+content")
+
+
+@dataclass
+class ItemFeatures:
+    """Per-item side inputs, aligned with dense item ids 0..I (row 0 = padding)."""
+
+    codes: torch.Tensor | None = None  # (I+1, Lc) int64 semantic-ID codes, last level = collision level
+    level_sizes: list[int] | None = None  # codes per level, len Lc
+    content: torch.Tensor | None = None  # (I+1, F) float32 content vectors (modalities concatenated)
+
+
+def load_item_features(shards_dir: str | Path, cfg: ModelConfig) -> ItemFeatures:
+    """What cfg.item_repr and cfg.generative_head need from a shard folder (written by
+    `python -m data_pipeline content`): codes for 'sid' modes and the head, vectors for 'content'."""
+    feats = ItemFeatures()
+    if "sid" in cfg.item_repr or cfg.generative_head:
+        sid = load_semantic_ids(Path(shards_dir) / "semantic_ids")
+        feats.codes = torch.as_tensor(np.asarray(sid.codes), dtype=torch.int64)  # (I+1, Lc)
+        feats.level_sizes = list(sid.level_sizes)
+    if "content" in cfg.item_repr:
+        vectors = load_content(shards_dir)  # modality name -> (I+1, d), concatenated in name order
+        feats.content = torch.as_tensor(np.concatenate([vectors[n] for n in sorted(vectors)], axis=1))
+    return feats
+
+
+class ItemEncoder(nn.Module):
+    """ids (any shape) -> (*ids.shape, D). Mode per ITEM_REPRS; see the module docstring."""
+
+    def __init__(self, item_repr: str, num_items: int, dim: int, feats: ItemFeatures | None = None):
+        super().__init__()
+        if item_repr not in ITEM_REPRS:
+            raise ValueError(f"model.item_repr must be one of {ITEM_REPRS}, got {item_repr!r}")
+        feats = feats or ItemFeatures()
+        self.item_repr, self.num_items = item_repr, num_items
+        self.id = None
+        if "id" in item_repr.split("+"):
+            self.id = nn.Embedding(num_items + 1, dim, padding_idx=0)
+            nn.init.trunc_normal_(self.id.weight, std=0.02)
+            with torch.no_grad():
+                self.id.weight[0].zero_()
+        self.code_emb, self.level_sizes = None, None
+        if feats.codes is not None:  # kept in every mode: the generative head decodes into these tuples
+            codes = _checked(feats.codes, "semantic-ID codes", num_items).long()
+            sizes = torch.as_tensor(feats.level_sizes, dtype=torch.int64)
+            if codes.shape[1] != len(sizes) or (codes.max(0).values >= sizes).any() or codes.min() < 0:
+                raise ValueError(f"codes {tuple(codes.shape)} do not fit the level sizes {feats.level_sizes}")
+            self.level_sizes = [int(k) for k in sizes]
+            self.register_buffer("codes", codes)  # (I+1, Lc)
+            # one table for all levels: level l's code c is row offset_l + c
+            self.register_buffer("code_offsets", torch.cumsum(sizes, 0) - sizes, persistent=False)
+        if "sid" in item_repr:
+            if self.level_sizes is None:
+                _checked(None, "semantic-ID codes", num_items)
+            self.code_emb = nn.Embedding(sum(self.level_sizes), dim)
+            nn.init.trunc_normal_(self.code_emb.weight, std=0.02)
+        self.content_proj = None
+        if "content" in item_repr:
+            content = _checked(feats.content, "content vectors", num_items).float()
+            self.register_buffer("content", content)
+            self.content_proj = nn.Linear(content.shape[1], dim, bias=False)
+            nn.init.normal_(self.content_proj.weight, std=0.02 / content.shape[1] ** 0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.id(ids) if self.id is not None else 0.0
+        if self.code_emb is not None:
+            x = x + self.code_emb(self.codes[ids] + self.code_offsets).sum(-2)  # (..., Lc, D) -> (..., D)
+        if self.content_proj is not None:
+            x = x + self.content_proj(self.content[ids])
+        if self.id is None or self.code_emb is not None or self.content_proj is not None:
+            x = x * (ids != 0).unsqueeze(-1).to(x.dtype)  # padding (id 0) embeds to zero: query tokens rely on it
+        return x
+
+    def all_ids(self, device=None) -> torch.Tensor:
+        return torch.arange(self.num_items + 1, device=device)
+
+
+def _checked(t: torch.Tensor | None, what: str, num_items: int) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"item_repr needs {what}: run `python -m data_pipeline content --shards ...` first")
+    if t.shape[0] != num_items + 1:
+        raise ValueError(f"{what} have {t.shape[0]} rows, the shards have {num_items} items (+1 padding row)")
+    return t

@@ -1,0 +1,79 @@
+"""Cold-start split: held-out items never reach training or validation, test keeps their targets, and
+evaluation reports cold and warm targets separately."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from configs.schema import EvalConfig, LoaderConfig, ShardConfig
+from data_pipeline.read_shards import cold_items, cut_for_split, load_manifest, read_shards
+from data_pipeline.schema import ROW_ITEM
+from data_pipeline.write_shards import write_shards
+from tests.conftest import make_dataset
+from train.evaluate import evaluate
+
+
+@pytest.fixture(scope="module")
+def cold_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cold") / "shards"
+    write_shards(make_dataset(num_users=80, seed=3), out, ShardConfig(samples_per_shard=20, cold_item_frac=0.2),
+                 progress=False)
+    return out
+
+
+def test_cold_items_never_reach_training_or_validation(cold_shards):
+    manifest = load_manifest(cold_shards)
+    cold = cold_items(manifest)
+    assert len(cold) == round(0.2 * manifest["vocab"]["num_items"]) and (np.diff(cold) > 0).all()
+    for split in ("train", "valid"):
+        for ex in read_shards(cold_shards, split, LoaderConfig(num_workers=0), shuffle=False):
+            assert not np.isin(ex["history"][ROW_ITEM], cold).any()
+            if ex["target"] is not None:
+                assert ex["target"][ROW_ITEM] not in cold
+    test = list(read_shards(cold_shards, "test", LoaderConfig(num_workers=0), shuffle=False))
+    assert all(not np.isin(ex["history"][ROW_ITEM], cold).any() for ex in test)
+    n_cold_targets = sum(int(ex["target"][ROW_ITEM] in cold) for ex in test)
+    assert n_cold_targets == manifest["counts"]["cold"]["test_targets"] > 0
+
+
+def test_cut_for_split_removes_cold_events_after_cutting():
+    seq = np.array([[5, 7, 5, 9, 7, 3]] + [[0] * 6] * 4)  # items; other rows unused here
+    cold = np.array([7])
+    hist, target = cut_for_split(seq, "test", cold)
+    assert hist[ROW_ITEM].tolist() == [5, 5, 9] and target[ROW_ITEM] == 3  # the cut is on the full sequence
+    assert cut_for_split(seq, "valid", cold) is None  # its validation target (7) is cold
+    assert cut_for_split(seq, "train", cold)[0][ROW_ITEM].tolist() == [5, 5, 9]
+    assert cut_for_split(seq, "valid", None)[1][ROW_ITEM] == 7
+
+
+def test_without_cold_fraction_nothing_changes(tmp_path):
+    a = write_shards(make_dataset(num_users=30), tmp_path / "a", ShardConfig(samples_per_shard=10), progress=False)
+    assert a["split_rule"]["cold_items"] == [] and a["counts"]["cold"]["items"] == 0
+
+
+class Fixed(torch.nn.Module):
+    """Scores items by a fixed table; every state is the same, so ranks are the table's order."""
+
+    def __init__(self, scores):
+        super().__init__()
+        self.embed = torch.nn.Module()
+        self.embed.item = torch.nn.Embedding.from_pretrained(torch.stack([scores, (1 - scores**2).sqrt()], 1))
+
+    def forward(self, batch):
+        return torch.tensor([[1.0, 0.0]]).expand(batch.item_ids.numel(), 2)
+
+
+def test_evaluate_reports_cold_and_warm_slices():
+    from data_pipeline.collate import collate
+    z = np.zeros(1, dtype=np.int64)
+    toks = [dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
+                 domains=z, targets=z + t, domain=0, user=0) for t in (1, 2, 3, 4)]
+    batch = collate(toks)
+    model = Fixed(torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6]))  # item 1 ranks 1st, 2 -> 2nd, ...
+    cfg = EvalConfig(ks=[1, 2], exclude_history=False)
+    out = evaluate(model, [(batch, True)], cfg, 4, ["d"], cold=torch.tensor([2, 4]))
+    assert out["per_slice"]["warm"]["count"] == 2 and out["per_slice"]["cold"]["count"] == 2
+    assert out["per_slice"]["warm"]["hr@1"] == 0.5  # targets 1 (rank 1) and 3 (rank 3)
+    assert out["per_slice"]["cold"]["hr@2"] == 0.5  # targets 2 (rank 2) and 4 (rank 4)
+    assert out["hr@2"] == 0.5 and "per_slice" not in evaluate(model, [(batch, True)], cfg, 4, ["d"])
