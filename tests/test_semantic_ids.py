@@ -12,18 +12,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from configs.schema import SemanticIdConfig
+from data_pipeline.quantize import fit_rq_kmeans, kmeans, kmeans_pp_init, rq_assign, train_rqvae
 from data_pipeline.semantic_ids import (
     assign_new_items,
     build_semantic_ids,
     code_stats,
-    fit_rq_kmeans,
-    kmeans,
-    kmeans_pp_init,
     load_semantic_ids,
     resolve_collisions,
-    rq_assign,
     save_semantic_ids,
-    train_rqvae,
 )
 
 
