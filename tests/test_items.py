@@ -110,3 +110,29 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     assert dot["per_slice"]["cold"]["count"] == load_manifest(world)["counts"]["cold"]["test_targets"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["item_repr"] == "id+sid+content"
     assert dataclasses.is_dataclass(load_config(PretrainConfig, tmp_path / "config.json"))
+
+
+def test_image_modality_end_to_end_with_per_modality_codes(tmp_path):
+    """Generated images -> random ViT vectors (.npy + ids) -> content stage with text + image, one code
+    tuple per modality -> a model reading both content vectors and all codes trains a step."""
+    from data_pipeline.content import make_image_features
+    out = tmp_path / "shards"
+    ds = generate(SyntheticConfig(num_users=120, items_per_domain=30, mean_events=12)).dataset
+    write_shards(ds, out, ShardConfig(samples_per_shard=60, cold_item_frac=0.1), progress=False)
+    image = make_image_features(out, tmp_path / "feats" / "image.npy")
+    cfg = load_config(ContentStageConfig, None, [
+        f"shards={out}", f"content.cache_dir={tmp_path / 'cache'}", f"content.extra_modalities=[image={image}]",
+        "semantic_ids.modalities=[text,image]", "semantic_ids.fusion=per_modality", "semantic_ids.levels=2",
+        "semantic_ids.codebook_size=4", "semantic_ids.kmeans_iters=5"])
+    summary = content_stage.run(cfg, progress=False)
+    assert summary["content_modalities"] == {"text": 384, "image": 64}
+    assert len(summary["level_sizes"]) == 2 + 2 + 1  # text levels, image levels, collision level
+    manifest = load_manifest(out)
+    mcfg = tiny(item_repr="id+sid+content", generative_head=True)
+    feats = load_item_features(out, mcfg)
+    assert feats.content.shape == (manifest["vocab"]["num_items"] + 1, 384 + 64)
+    m = build_model(mcfg, manifest, 40, feats)
+    b = next(iter(make_loader(out, "train", LoaderConfig(batch_size=32, max_len=40, num_workers=0))))
+    loss, _ = losses.compute_loss(m, b, LossConfig(num_negatives=8), manifest["vocab"]["num_items"])
+    loss.backward()
+    assert m.embed.item.content_proj.weight.grad.abs().sum() > 0
