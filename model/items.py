@@ -91,7 +91,8 @@ class ItemEncoder(nn.Module):
         if self.code_emb is not None:
             x = x + self.code_emb(self.codes[ids] + self.code_offsets).sum(-2)  # (..., Lc, D) -> (..., D)
         if self.content_proj is not None:
-            x = x + self.content_proj(self.content[ids])
+            # the buffer stays fp32 when an engine casts parameters (DeepSpeed bf16): match the weight
+            x = x + self.content_proj(self.content[ids].to(self.content_proj.weight.dtype))
         if self.id is None or self.code_emb is not None or self.content_proj is not None:
             x = x * (ids != 0).unsqueeze(-1).to(x.dtype)  # padding (id 0) embeds to zero: query tokens rely on it
         return x

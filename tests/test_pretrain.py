@@ -78,6 +78,34 @@ def test_zero3_bf16_two_processes(tmp_path, shards):
     assert m["test"]["count"] == 160
 
 
+@pytest.fixture(scope="module")
+def content_shards(tmp_path_factory):
+    """A world with 10% cold items, MiniLM content vectors and small residual k-means semantic IDs."""
+    from configs.schema import ContentConfig, ContentStageConfig, SemanticIdConfig
+    from data_pipeline import content_stage
+    root = tmp_path_factory.mktemp("content")
+    ds = generate(SyntheticConfig(num_users=160, items_per_domain=40, mean_events=12)).dataset
+    write_shards(ds, root / "shards", ShardConfig(samples_per_shard=20, cold_item_frac=0.1), progress=False)
+    content_stage.run(ContentStageConfig(shards=str(root / "shards"), content=ContentConfig(cache_dir=str(root)),
+                                         semantic_ids=SemanticIdConfig(levels=2, codebook_size=8)), progress=False)
+    return root / "shards"
+
+
+def test_zero3_bf16_content_tokens_and_generative_head(tmp_path, content_shards):
+    """Code embeddings, the content projection and the generative head under ZeRO-3 partitioning: every
+    parameter is reached through a module call, so the gather hooks fire in training and beam search."""
+    run = tmp_path / "z3c"
+    torchrun(run, content_shards, ["train.epochs=1", "train.zero_stage=3", "train.precision=bf16",
+                                   "model.item_repr=id+sid+content", "model.generative_head=true",
+                                   "eval.ks=[5,10]", "eval.beam=10"])
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["test"]["count"] == m["test_generative"]["count"] == 160
+    assert m["test"]["per_slice"]["cold"]["count"] > 0
+    sd = params(run, "best")
+    assert {"embed.item.code_emb.weight", "embed.item.content_proj.weight"} <= sd.keys()
+    assert any(k.startswith("gen_head.") for k in sd)
+
+
 def test_single_process_run_learns(tmp_path, shards):
     """World size 1 through the same code path; 6 epochs beat the first epoch's validation NDCG."""
     from train.pretrain import main

@@ -79,7 +79,7 @@ def generative_ranks(model, batch, cfg: EvalConfig, num_items: int) -> torch.Ten
     cfg.ks must not exceed cfg.beam: a beam of width W cannot say where an item below W would rank."""
     states = model(batch)  # (L, D)
     last = batch.offsets[1:] - 1
-    q, targets = states[last].float(), batch.targets[last]  # (B, D), (B,)
+    q, targets = states[last], batch.targets[last]  # (B, D) in the head's dtype (bf16 under a bf16 engine)
     exclude = _history_mask(batch, 0, num_items + 1, targets) if cfg.exclude_history else None
     items, _ = beam_search(model.gen_head, model.code_trie(), q, cfg.beam, max(cfg.ks), exclude)  # (B, K)
     hit = items == targets[:, None]
