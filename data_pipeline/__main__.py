@@ -8,7 +8,7 @@ import time
 
 from configs.load import help_text, load_config, save_config
 from configs.schema import ContentStageConfig, PrepareConfig
-from data_pipeline.read_shards import load_manifest
+from data_pipeline.read_shards import ShardError, load_manifest
 from data_pipeline.schema import DataError
 
 EPILOG = """examples:
@@ -122,7 +122,7 @@ def content_main(args) -> int:
         if args.shards:
             cfg = dataclasses.replace(cfg, shards=args.shards)
         summary = content_stage.run(cfg, progress=not args.quiet)
-    except (ContentError, DataError, FileNotFoundError, ValueError) as e:
+    except (ContentError, DataError, ShardError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     save_config(cfg, f"{cfg.shards}/{content_stage.SID_DIR}/content_config.json")

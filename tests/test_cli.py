@@ -34,3 +34,23 @@ def test_help_explains_every_option():
     for flag in ("--dataset", "--raw", "--out", "--config", "--set", "--skip-bad-rows", "--overwrite"):
         assert flag in res.stdout
     assert "shards.samples_per_shard" in res.stdout  # config keys are listed with their docs
+
+
+def test_content_and_images_commands(tmp_path, capsys):
+    """synthetic shards -> `images` -> `content` with the image modality: codes, stats, saved config;
+    a missing shard folder is a clean error."""
+    out = tmp_path / "syn"
+    assert main(["synthetic", "--out", str(out), "--quiet", "--set", "synthetic.num_users=80",
+                 "--set", "synthetic.items_per_domain=30", "--set", "shards.cold_item_frac=0.1"]) == 0
+    assert main(["images", "--shards", str(out), "--out", str(tmp_path / "img.npy")]) == 0
+    rc = main(["content", "--shards", str(out), "--quiet", "--set", f"content.cache_dir={tmp_path / 'c'}",
+               "--set", f"content.extra_modalities=[image={tmp_path / 'img.npy'}]",
+               "--set", "semantic_ids.modalities=[text,image]", "--set", "semantic_ids.codebook_size=8"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "collision rate" in printed and "codebook usage per level" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["semantic_ids"]["content_modalities"] == {"text": 384, "image": 64}
+    assert (out / "semantic_ids" / "content_config.json").exists()
+    assert main(["content", "--shards", str(tmp_path / "nope"), "--quiet"]) == 2
+    assert "nope" in capsys.readouterr().err
