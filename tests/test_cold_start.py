@@ -77,3 +77,27 @@ def test_evaluate_reports_cold_and_warm_slices():
     assert out["per_slice"]["warm"]["hr@1"] == 0.5  # targets 1 (rank 1) and 3 (rank 3)
     assert out["per_slice"]["cold"]["hr@2"] == 0.5  # targets 2 (rank 2) and 4 (rank 4)
     assert out["hr@2"] == 0.5 and "per_slice" not in evaluate(model, [(batch, True)], cfg, 4, ["d"])
+
+
+def test_negatives_never_touch_held_out_items():
+    from configs.schema import LossConfig
+    from train import losses
+    torch.manual_seed(0)
+    model = Fixed(torch.rand(11) * 0.9)
+    states = torch.nn.functional.normalize(torch.randn(40, 2), dim=-1)
+    targets = torch.randint(1, 9, (40,))
+    warm = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])  # items 9 and 10 are cold
+    gen = torch.Generator().manual_seed(0)
+    drawn = losses.draw_items((5000,), 10, gen, "cpu", warm)
+    assert set(drawn.tolist()) == set(warm.tolist())
+    full = losses.full_softmax_logits(states, model, 10, warm)
+    assert (full[:, 9:] == losses.MASKED).all() and (full[:, 1:9] > losses.MASKED).all()
+    for shared in (False, True):
+        cfg = LossConfig(num_negatives=64, shared_negatives=shared)
+        ref_gen, gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        logits = losses.sampled_softmax_logits(states, targets, model, cfg, 10, gen, warm)
+        neg = losses.draw_items((64,) if shared else (40, 64), 10, ref_gen, "cpu", warm)  # the same draws
+        emb = torch.nn.functional.normalize(model.embed.item.weight, dim=-1)
+        want = (states @ emb[neg].T) if shared else torch.einsum("pd,prd->pr", states, emb[neg])
+        hit = (neg[None, :] if shared else neg) == targets[:, None]
+        torch.testing.assert_close(logits[:, 1:], want.masked_fill(hit, losses.MASKED))

@@ -59,19 +59,29 @@ def _item_rows(model, ids: torch.Tensor) -> torch.Tensor:
     return F.normalize(model.embed.item(ids), dim=-1, eps=1e-6)
 
 
-def sampled_softmax_logits(states, targets, model, cfg: LossConfig, num_items: int, generator) -> torch.Tensor:
-    """(P, 1 + R [+ U]) logits, column 0 = the positive. states (P, D), targets (P,)."""
+def draw_items(shape, num_items: int, generator, device, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """Uniform item ids of `shape`: from 1..num_items, or from `candidates` (W,) when given (the items
+    training may touch: a cold-start hold-out must not even be pushed down as a negative)."""
+    if candidates is None:
+        return torch.randint(1, num_items + 1, shape, generator=generator, device=device)
+    return candidates[torch.randint(0, candidates.numel(), shape, generator=generator, device=device)]
+
+
+def sampled_softmax_logits(states, targets, model, cfg: LossConfig, num_items: int, generator,
+                           candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, 1 + R [+ U]) logits, column 0 = the positive. states (P, D), targets (P,); negatives are drawn
+    from `candidates` (W,) when given, else from all items."""
     P, R = targets.numel(), cfg.num_negatives
     dev = targets.device
     if cfg.shared_negatives:
-        neg = torch.randint(1, num_items + 1, (R,), generator=generator, device=dev)  # (R,)
+        neg = draw_items((R,), num_items, generator, dev, candidates)  # (R,)
         ids, inv = torch.unique(torch.cat([targets, neg]), return_inverse=True)
         emb = _item_rows(model, ids)  # (C, D)
         pos = (states * emb[inv[:P]]).sum(-1, keepdim=True)  # (P, 1)
         neg_logits = states @ emb[inv[P:]].T  # (P, R)
         neg_logits = neg_logits.masked_fill(neg[None, :] == targets[:, None], MASKED)
     else:
-        neg = torch.randint(1, num_items + 1, (P, R), generator=generator, device=dev)  # (P, R)
+        neg = draw_items((P, R), num_items, generator, dev, candidates)  # (P, R)
         if P * R >= num_items:  # the draws cover the catalogue: normalise the whole table, skip unique()
             emb, pos_row, neg_row = _item_rows(model, torch.arange(num_items + 1, device=dev)), targets, neg
         else:  # a huge catalogue: normalise only the rows drawn
@@ -98,23 +108,29 @@ def in_batch_logits(states, targets, model) -> torch.Tensor:
     return (logits, logq, uniq[None, :] == targets[:, None])
 
 
-def full_softmax_logits(states, model, num_items: int) -> torch.Tensor:
-    """(P, I+1) logits over the whole catalogue; column 0 (padding) masked."""
+def full_softmax_logits(states, model, num_items: int, candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, I+1) logits over the whole catalogue; column 0 (padding) and, when `candidates` is given,
+    every item outside it masked."""
     all_ids = torch.arange(num_items + 1, device=states.device)
     logits = states @ _item_rows(model, all_ids).T
     logits[:, 0] = MASKED
+    if candidates is not None:
+        logits = logits.masked_fill(~torch.isin(all_ids, candidates), MASKED)
     return logits
 
 
-def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None):
-    """Forward + loss. Returns (loss, {"loss", "positions", "tokens"}) with loss a 0-dim tensor."""
+def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
+                 candidates: torch.Tensor | None = None):
+    """Forward + loss. Returns (loss, {"loss", "positions", "tokens"}) with loss a 0-dim tensor.
+    candidates (W,): the item ids negatives may be (None = all; see `draw_items`)."""
     states = model(batch)  # (L, D) unit norm
     has_target = batch.targets > 0
     s, t = states[has_target], batch.targets[has_target]  # (P, D), (P,)
     if cfg.kind == "full_softmax":
-        logits, labels = full_softmax_logits(s, model, num_items), t
+        logits, labels = full_softmax_logits(s, model, num_items, candidates), t
     elif cfg.kind == "sampled_softmax":
-        logits, labels = sampled_softmax_logits(s, t, model, cfg, num_items, generator), torch.zeros_like(t)
+        logits = sampled_softmax_logits(s, t, model, cfg, num_items, generator, candidates)
+        labels = torch.zeros_like(t)
     else:
         raise ValueError(f"loss.kind must be sampled_softmax or full_softmax, got {cfg.kind!r}")
     loss = F.cross_entropy(logits.float() / cfg.temperature, labels)

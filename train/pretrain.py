@@ -70,13 +70,14 @@ def _eval_loader(cfg: PretrainConfig):
     return replace(cfg.data, batch_size=cfg.eval.batch_size)
 
 
-def train_epoch(eng, cfg: PretrainConfig, epoch: int, num_items: int, gen, dev, log, rank: int) -> dict:
+def train_epoch(eng, cfg: PretrainConfig, epoch: int, num_items: int, gen, dev, log, rank: int,
+                candidates: torch.Tensor | None) -> dict:
     eng.train()
     t0, tokens, losses, steps = time.perf_counter(), 0, [], 0
     batches = E.while_all_have(make_loader(cfg.shards, "train", cfg.data, epoch=epoch))
     bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=rank != 0, leave=False)
     for batch in bar:
-        loss, m = compute_loss(eng, batch.to(dev), cfg.loss, num_items, gen)
+        loss, m = compute_loss(eng, batch.to(dev), cfg.loss, num_items, gen, candidates)
         eng.backward(loss)
         eng.step()
         steps += 1
@@ -111,6 +112,10 @@ def main(cfg: PretrainConfig) -> dict:
     gen = torch.Generator(device=dev).manual_seed(cfg.train.seed * 1000 + rank)  # negatives, per rank
     manifest = load_manifest(cfg.shards)
     num_items = manifest["vocab"]["num_items"]
+    cold = torch.from_numpy(cold_items(manifest))  # held out of training: never a negative either
+    candidates = None
+    if len(cold):
+        candidates = torch.from_numpy(np.setdiff1d(np.arange(1, num_items + 1), cold.numpy())).to(dev)
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "ckpt"
     if rank == 0:
@@ -131,7 +136,7 @@ def main(cfg: PretrainConfig) -> dict:
     # ---- loop: train an epoch, validate, keep the best, stop early ------------------------------------
     t_start = time.perf_counter()
     for epoch in range(state["epoch"] + 1, cfg.train.epochs):
-        row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, rank)
+        row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, rank, candidates)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             val = run_eval(eng, cfg, "valid", manifest, dev)
             row["valid"] = {k: v for k, v in val.items() if k != "per_domain"}
