@@ -101,3 +101,15 @@ def test_negatives_never_touch_held_out_items():
         want = (states @ emb[neg].T) if shared else torch.einsum("pd,prd->pr", states, emb[neg])
         hit = (neg[None, :] if shared else neg) == targets[:, None]
         torch.testing.assert_close(logits[:, 1:], want.masked_fill(hit, losses.MASKED))
+
+
+def test_unrankable_items_are_never_ranked_and_count_as_misses():
+    from data_pipeline.collate import collate
+    z = np.zeros(1, dtype=np.int64)
+    toks = [dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
+                 domains=z, targets=z + t, domain=0, user=0) for t in (3, 2)]
+    model = Fixed(torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6]))  # items rank 1, 2, 3, 4 by id
+    cfg = EvalConfig(ks=[1, 2], exclude_history=False)
+    out = evaluate(model, [(collate(toks), True)], cfg, 4, ["d"], unrankable=torch.tensor([2]))
+    # target 3 moves up from rank 3 to 2 (item 2 is not ranked); target 2 is a miss at every K
+    assert out["hr@2"] == 0.5 and out["hr@1"] == 0.0 and out["mrr"] == pytest.approx((1 / 2 + 1 / 5) / 2)

@@ -42,8 +42,11 @@ def _history_mask(batch, ids_lo: int, ids_hi: int, targets: torch.Tensor) -> tor
     return mask
 
 
-def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int) -> torch.Tensor:
-    """Pessimistic 1-based rank of each sequence's target among items 1..num_items. (B,)"""
+def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int,
+                    unrankable: torch.Tensor | None = None) -> torch.Tensor:
+    """Pessimistic 1-based rank of each sequence's target among items 1..num_items. (B,)
+    `unrankable` (sorted ids): items the model has no representation for (an ID-only model's never-trained
+    items): never ranked, and a target among them is a miss (rank num_items + 1)."""
     states = model(batch)  # (L, D)
     last = batch.offsets[1:] - 1
     q, targets = states[last].float(), batch.targets[last]  # (B, D), (B,)
@@ -68,8 +71,12 @@ def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int) -> torch.Tens
         if cfg.exclude_history:
             excluded |= _history_mask(batch, lo, hi, targets)
         ids = torch.arange(lo, hi, device=q.device)
+        if unrankable is not None:
+            excluded |= torch.isin(ids, unrankable)[None, :]
         beats = (s > t_score[:, None]) | ((s == t_score[:, None]) & (ids[None, :] != targets[:, None]))
         above += (beats & ~excluded).sum(1)
+    if unrankable is not None:
+        return torch.where(torch.isin(targets, unrankable), num_items + 1, above + 1)
     return above + 1
 
 
@@ -90,18 +97,19 @@ def generative_ranks(model, batch, cfg: EvalConfig, num_items: int) -> torch.Ten
 @torch.no_grad()
 def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains: list[str],
              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
-             cold: torch.Tensor | None = None, ranker: Callable | None = None) -> dict:
+             cold: torch.Tensor | None = None, ranker: Callable | None = None,
+             unrankable: torch.Tensor | None = None) -> dict:
     """Mean metrics over all sequences, per domain, and (when `cold`, sorted item ids held out of
     training, is non-empty) per slice: targets that are cold items vs warm ones. `batches` yields
     (batch, is_real): fake batches keep ranks in lock-step (ZeRO-3 forwards are collective) and are not
     counted. `all_reduce` sums a tensor over ranks. `ranker(model, batch) -> ranks (B,)` replaces the
-    dot-product full ranking (e.g. the generative head's beam search)."""
+    dot-product full ranking (e.g. the generative head's beam search); `unrankable`: see ranks_for_batch."""
     names = metric_names(cfg.ks)
     sums = torch.zeros(len(domains) + 2, len(names) + 1, dtype=torch.float64)  # domains, warm, cold: + count
     was_training = model.training
     model.eval()
     for batch, is_real in batches:
-        ranks = ranker(model, batch) if ranker else ranks_for_batch(model, batch, cfg, num_items)
+        ranks = ranker(model, batch) if ranker else ranks_for_batch(model, batch, cfg, num_items, unrankable)
         if not is_real:
             continue
         vals = torch.cat([rank_metrics(ranks, cfg.ks), torch.ones(len(ranks), 1, dtype=torch.float64)], 1).cpu()

@@ -61,9 +61,13 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     if generative:
         ecfg = replace(cfg.eval, ks=[k for k in cfg.eval.ks if k <= cfg.eval.beam])
         ranker = lambda m, b: generative_ranks(m, b, ecfg, manifest["vocab"]["num_items"])
+    cold = torch.from_numpy(cold_items(manifest)).to(dev)
+    # an ID-only model has nothing but an untrained random row for a held-out item: a serving index would
+    # not contain it, so it is not ranked (its cold recall is 0 by construction, not by luck)
+    unrankable = cold if cfg.model.item_repr == "id" and len(cold) else None
     return evaluate(eng, E.lockstep(batches, lambda: dummy_batch(dev)), ecfg, manifest["vocab"]["num_items"],
-                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum,
-                    cold=torch.from_numpy(cold_items(manifest)).to(dev), ranker=ranker)
+                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
+                    unrankable=unrankable)
 
 
 def _eval_loader(cfg: PretrainConfig):
