@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from kernels.hstu_attention_ref import hstu_attention_ref
+from kernels.hstu_attention_ref import AttentionPlan, hstu_attention_ref, plan_attention
 
 BACKENDS = ("auto", "ref", "triton")
 
@@ -70,11 +70,12 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
                    norm_const: float = 1.0, norm_by_length: bool = False,
                    pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
                    ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
-                   time_bucket_div: float = 0.301, num_targets: torch.Tensor | None = None) -> torch.Tensor:
+                   time_bucket_div: float = 0.301, num_targets: torch.Tensor | None = None,
+                   plan: AttentionPlan | None = None) -> torch.Tensor:
     """Jagged HSTU attention: q, k (L, H, dqk), v (L, H, dv), offsets (B+1,) -> (L, H, dv).
 
     max_len: an upper bound on sequence length (the Triton launch grid and autotune key use it; computed
-    from offsets when None)."""
+    from offsets when None). plan: from `attention_plan` for this batch (ref backend; None otherwise)."""
     _check(q, k, v, offsets, pos_bias, time_bias, ts_q, ts_k, num_targets)
     kw = dict(alpha=alpha, norm_const=norm_const, norm_by_length=norm_by_length, pos_bias=pos_bias,
               time_bias=time_bias, ts_q=ts_q, ts_k=ts_k, time_bucket_div=time_bucket_div,
@@ -84,4 +85,16 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
         if max_len is None:
             max_len = int((offsets[1:] - offsets[:-1]).max()) if offsets.numel() > 1 else 0
         return hstu_attention_triton(q, k, v, offsets, max_len=max_len, **kw)
-    return hstu_attention_ref(q, k, v, offsets, **kw)
+    return hstu_attention_ref(q, k, v, offsets, plan=plan, **kw)
+
+
+def attention_plan(offsets: torch.Tensor, *, backend: str, pos_len: int, time_len: int,
+                   ts_q: torch.Tensor | None, ts_k: torch.Tensor | None, time_bucket_div: float = 0.301,
+                   num_targets: torch.Tensor | None = None, norm_by_length: bool = False) -> AttentionPlan | None:
+    """The layer-independent index work of the ref backend (buckets, masks, bias indices), built once per
+    batch and passed to every layer's `hstu_attention(..., plan=)`. None on the Triton backend, whose
+    kernels derive masks and buckets in registers. pos_len / time_len: bias table sizes (0 = off)."""
+    if resolve_backend(backend, offsets.device) != "ref":
+        return None
+    return plan_attention(offsets, num_pos=pos_len, num_time=time_len, ts_q=ts_q, ts_k=ts_k,
+                          time_bucket_div=time_bucket_div, num_targets=num_targets, norm_by_length=norm_by_length)

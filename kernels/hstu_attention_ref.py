@@ -29,6 +29,8 @@ row gather by token index both default to an accumulating index_put, ~40 ms of t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -77,38 +79,112 @@ def time_buckets(dt: torch.Tensor, time_bucket_div: float, num_buckets: int) -> 
     return x.floor().clamp(0, num_buckets - 1).long()
 
 
-def _dense_block(q, k, v, lengths, num_targets, N, alpha, norm_const, norm_by_length, pos_bias, time_bias,
-                 ts_q, ts_k, time_bucket_div):
-    """Padded dense attention for one bucket: q, k (B, N, H, dqk), v (B, N, H, dv), lengths (B,)."""
-    dev = q.device
+@dataclass
+class _Group:
+    """One length bucket: G sequences padded to N; its rows are src[sl] in the flat padded layout."""
+
+    sl: slice
+    G: int
+    N: int
+    allowed: torch.Tensor  # (G, 1, N, N) bool: causal, in-range and candidate mask
+    pos_idx: torch.Tensor | None  # (N, N) or (G, N, N) index into pos_bias
+    time_idx: torch.Tensor | None  # (G, N, N) index into time_bias
+    keys: torch.Tensor | None  # (G, 1, N, 1) allowed keys per row (norm_by_length)
+
+
+@dataclass
+class AttentionPlan:
+    """Everything about a batch's attention that does not depend on the layer: the length buckets, the
+    gather/scatter indices, the masks and the bias indices. Built once per batch and shared by every
+    layer (HSTU-large: 8 layers), it removes ~60 ms of index work per ML-1M step (see module docstring)."""
+
+    L: int
+    src: torch.Tensor  # (S,) token index of every padded slot, L = padding
+    where: torch.Tensor  # (L,) slot of every token
+    groups: list[_Group]
+
+
+def _group_masks(lengths, num_targets, N, dev):
     i = torch.arange(N, device=dev)
-    h = lengths - (num_targets if num_targets is not None else 0)  # (B,) history lengths
-    valid = i[None, :] < lengths[:, None]  # (B, N)
-    allowed = (i[None, :, None] >= i[None, None, :]) & valid[:, :, None] & valid[:, None, :]  # (B, N, N)
+    h = lengths - (num_targets if num_targets is not None else 0)  # (G,) history lengths
+    valid = i[None, :] < lengths[:, None]  # (G, N)
+    allowed = (i[None, :, None] >= i[None, None, :]) & valid[:, :, None] & valid[:, None, :]  # (G, N, N)
     if num_targets is not None:
-        is_cand_col = i[None, None, :] >= h[:, None, None]  # (B, 1, N)
+        is_cand_col = i[None, None, :] >= h[:, None, None]  # (G, 1, N)
         allowed &= ~is_cand_col | (i[None, :, None] == i[None, None, :])
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * alpha  # (B, H, N, N)
-    rab = None
-    if pos_bias is not None:
+    return i, h, allowed
+
+
+def _plan_group(sl, lengths, num_targets, N, num_pos, num_time, tq, tk, time_bucket_div, norm_by_length):
+    i, h, allowed = _group_masks(lengths, num_targets, N, lengths.device)
+    pos_idx = time_idx = keys = None
+    if num_pos:
         if num_targets is None:
-            dist = (i[:, None] - i[None, :]).clamp(0, pos_bias.numel() - 1)  # (N, N), shared by the batch
+            pos_idx = (i[:, None] - i[None, :]).clamp(0, num_pos - 1)  # (N, N), shared by the group
         else:
-            p = torch.minimum(i[None, :], h[:, None])  # (B, N)
-            dist = (p[:, :, None] - p[:, None, :]).clamp(0, pos_bias.numel() - 1)  # (B, N, N)
-        rab = gather_small(pos_bias, dist)
-    if time_bias is not None:
-        tb = gather_small(time_bias, time_buckets(ts_q[:, :, None] - ts_k[:, None, :], time_bucket_div,
-                                                  time_bias.numel()))
-        rab = tb if rab is None else rab + tb  # (B, N, N)
+            p = torch.minimum(i[None, :], h[:, None])  # (G, N)
+            pos_idx = (p[:, :, None] - p[:, None, :]).clamp(0, num_pos - 1)  # (G, N, N)
+    if num_time:
+        time_idx = time_buckets(tq[:, :, None] - tk[:, None, :], time_bucket_div, num_time)  # (G, N, N)
+    if norm_by_length:
+        keys = allowed.sum(-1).clamp(min=1)[:, None, :, None]  # (G, 1, N, 1)
+    return _Group(sl, len(lengths), N, allowed.unsqueeze(1), pos_idx, time_idx, keys)
+
+
+def plan_attention(offsets: torch.Tensor, *, num_pos: int = 0, num_time: int = 0,
+                   ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
+                   time_bucket_div: float = 0.301, num_targets: torch.Tensor | None = None,
+                   norm_by_length: bool = False, bucketed: bool = True) -> AttentionPlan:
+    """The layer-independent part of `hstu_attention_ref` for one batch. num_pos / num_time: sizes of
+    the position / time bias tables (0 = that bias is off)."""
+    lengths = (offsets[1:] - offsets[:-1]).tolist()
+    starts = offsets[:-1].tolist()
+    L, dev = int(offsets[-1]), offsets.device
+    # every group is padded to its own N; all groups gather through one flat index into [x; 0-row]
+    groups = [g for g in (_buckets(lengths) if bucketed else [list(range(len(lengths)))])
+              if max(lengths[b] for b in g) > 0]
+    src, shapes = [], []
+    for g in groups:
+        N = max(lengths[b] for b in g)
+        pos = torch.arange(N)
+        idx = torch.tensor([starts[b] for b in g])[:, None] + pos[None, :]  # (G, N)
+        idx = idx.masked_fill(pos[None, :] >= torch.tensor([lengths[b] for b in g])[:, None], L)
+        src.append(idx.reshape(-1))
+        shapes.append((len(g), N))
+    src = torch.cat(src).to(dev) if src else torch.zeros(0, dtype=torch.long, device=dev)
+    tq = _pad_row(ts_q)[src] if num_time else None
+    tk = _pad_row(ts_k)[src] if num_time else None
+    plans, at = [], 0
+    for g, (G, N) in zip(groups, shapes):
+        sl = slice(at, at + G * N)
+        at += G * N
+        lens = torch.tensor([lengths[b] for b in g], device=dev)
+        nt = num_targets[torch.tensor(g, device=dev)] if num_targets is not None else None
+        view = lambda x: x[sl].view(G, N) if x is not None else None  # noqa: E731
+        plans.append(_plan_group(sl, lens, nt, N, num_pos, num_time, view(tq), view(tk), time_bucket_div,
+                                 norm_by_length))
+    where = torch.empty(L + 1, dtype=torch.long, device=dev)
+    where[src] = torch.arange(src.numel(), device=dev)  # token t sits at the flat row where src == t
+    return AttentionPlan(L, src, where[:L], plans)
+
+
+def _pad_row(x: torch.Tensor) -> torch.Tensor:
+    """x (L, ...) -> (L+1, ...) with a zero row at index L (the padding slot)."""
+    return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
+
+
+def _dense_block(q, k, v, grp: _Group, alpha, norm_const, pos_bias, time_bias):
+    """Padded dense attention for one bucket: q, k (G, N, H, dqk), v (G, N, H, dv) -> (G, N, H, dv)."""
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * alpha  # (G, H, N, N)
+    rab = gather_small(pos_bias, grp.pos_idx) if grp.pos_idx is not None else None
+    if grp.time_idx is not None:
+        tb = gather_small(time_bias, grp.time_idx)  # (G, N, N)
+        rab = tb if rab is None else rab + tb
     if rab is not None:
         s = s + (rab if rab.dim() == 3 else rab[None]).unsqueeze(1)
-    a = F.silu(s) * allowed.unsqueeze(1)  # (B, H, N, N)
-    if norm_by_length:
-        a = a / allowed.sum(-1).clamp(min=1)[:, None, :, None]  # (B, 1, N, 1) keys per row
-    else:
-        a = a / norm_const
-    return torch.einsum("bhij,bjhd->bihd", a, v)  # (B, N, H, dv)
+    a = F.silu(s) * grp.allowed  # (G, H, N, N)
+    a = a / grp.keys if grp.keys is not None else a / norm_const
+    return torch.einsum("bhij,bjhd->bihd", a, v)  # (G, N, H, dv)
 
 
 def _buckets(lengths: list[int], max_waste: float = 0.1, min_size: int = 16) -> list[list[int]]:
@@ -134,41 +210,21 @@ def hstu_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset
                        pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
                        ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
                        time_bucket_div: float = 0.301, num_targets: torch.Tensor | None = None,
-                       bucketed: bool = True) -> torch.Tensor:
-    """Jagged q, k (L, H, dqk), v (L, H, dv), offsets (B+1,) -> (L, H, dv). See the module docstring."""
-    lengths = (offsets[1:] - offsets[:-1]).tolist()
-    starts = offsets[:-1].tolist()
-    L = q.shape[0]
-    if L == 0:
+                       bucketed: bool = True, plan: AttentionPlan | None = None) -> torch.Tensor:
+    """Jagged q, k (L, H, dqk), v (L, H, dv), offsets (B+1,) -> (L, H, dv). See the module docstring.
+    `plan` (from `plan_attention` with the same offsets, timestamps, targets and table sizes) skips the
+    per-call index work; without it one is built here."""
+    if q.shape[0] == 0:
         return v.new_zeros(v.shape)
-    # every group is padded to its own N; all groups gather through one flat index into [x; 0-row]
-    groups = [g for g in (_buckets(lengths) if bucketed else [list(range(len(lengths)))])
-              if max(lengths[b] for b in g) > 0]
-    src, shapes = [], []
-    for g in groups:
-        N = max(lengths[b] for b in g)
-        pos = torch.arange(N)
-        idx = torch.tensor([starts[b] for b in g])[:, None] + pos[None, :]  # (G, N)
-        idx = idx.masked_fill(pos[None, :] >= torch.tensor([lengths[b] for b in g])[:, None], L)
-        src.append(idx.reshape(-1))
-        shapes.append((len(g), N))
-    src = torch.cat(src).to(q.device)  # (sum G*N,) token index, L = padding
-    zero = lambda x: torch.cat([x, x.new_zeros((1,) + x.shape[1:])])  # noqa: E731
-    qp, kp, vp = (_GatherRows.apply(zero(x), src) for x in (q, k, v))  # (sum G*N, H, d)
-    tq = zero(ts_q)[src] if ts_q is not None else None
-    tk = zero(ts_k)[src] if ts_k is not None else None
-    outs, at = [], 0
-    for g, (G, N) in zip(groups, shapes):
-        sl = slice(at, at + G * N)
-        at += G * N
-        lens = torch.tensor([lengths[b] for b in g], device=q.device)
-        nt = num_targets[torch.tensor(g, device=q.device)] if num_targets is not None else None
-        view = lambda x: x[sl].view(G, N, *x.shape[1:]) if x is not None else None  # noqa: E731
-        o = _dense_block(view(qp), view(kp), view(vp), lens, nt, N, alpha, norm_const, norm_by_length,
-                         pos_bias, time_bias, view(tq), view(tk), time_bucket_div)  # (G, N, H, dv)
-        outs.append(o.reshape(G * N, *o.shape[2:]))
-    flat = torch.cat(outs)  # (sum G*N, H, dv) in group order
-    # token t sits at the flat row where src == t; padding rows are dropped
-    where = torch.empty(L + 1, dtype=torch.long, device=q.device)
-    where[src] = torch.arange(src.numel(), device=q.device)
-    return _GatherRows.apply(flat, where[:L])
+    if plan is None:
+        plan = plan_attention(offsets, num_pos=pos_bias.numel() if pos_bias is not None else 0,
+                              num_time=time_bias.numel() if time_bias is not None else 0, ts_q=ts_q, ts_k=ts_k,
+                              time_bucket_div=time_bucket_div, num_targets=num_targets,
+                              norm_by_length=norm_by_length, bucketed=bucketed)
+    qp, kp, vp = (_GatherRows.apply(_pad_row(x), plan.src) for x in (q, k, v))  # (S, H, d)
+    outs = []
+    for grp in plan.groups:
+        view = lambda x: x[grp.sl].view(grp.G, grp.N, *x.shape[1:])  # noqa: E731
+        o = _dense_block(view(qp), view(kp), view(vp), grp, alpha, norm_const, pos_bias, time_bias)
+        outs.append(o.reshape(grp.G * grp.N, *o.shape[2:]))
+    return _GatherRows.apply(torch.cat(outs), plan.where)  # padding rows dropped

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs.schema import ModelConfig
-from kernels.hstu_attention import hstu_attention
+from kernels.hstu_attention import AttentionPlan, attention_plan, hstu_attention
 
 
 class HSTUBlock(nn.Module):
@@ -36,12 +36,22 @@ class HSTUBlock(nn.Module):
         self.out = nn.Linear(D if research else 3 * D, D, bias=research)
         nn.init.xavier_uniform_(self.out.weight)
         self.dropout = nn.Dropout(cfg.linear_dropout)
-        self.pos_bias = nn.Parameter(torch.randn(max_len) * 0.02) if cfg.pos_bias else None
-        self.time_bias = nn.Parameter(torch.randn(cfg.num_time_buckets + 1) * 0.02) if cfg.time_bias else None
+        # table sizes kept as ints: under ZeRO-3 a parameter's numel() is 0 outside its module's forward
+        self.pos_len = max_len if cfg.pos_bias else 0
+        self.time_len = cfg.num_time_buckets + 1 if cfg.time_bias else 0
+        self.pos_bias = nn.Parameter(torch.randn(self.pos_len) * 0.02) if cfg.pos_bias else None
+        self.time_bias = nn.Parameter(torch.randn(self.time_len) * 0.02) if cfg.time_bias else None
         self.norm_const = float(cfg.attn_norm_const or max_len)
 
+    def attention_plan(self, offsets: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor) -> AttentionPlan | None:
+        """Index work shared by every block of a model (same bias table sizes): build once per batch."""
+        return attention_plan(offsets, backend=self.cfg.attention_backend,
+                              pos_len=self.pos_len, time_len=self.time_len,
+                              ts_q=next_ts, ts_k=ts, time_bucket_div=self.cfg.time_bucket_div,
+                              norm_by_length=self.cfg.norm_by_length)
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
-                max_len: int) -> torch.Tensor:
+                max_len: int, plan: AttentionPlan | None = None) -> torch.Tensor:
         L, D = x.shape
         if self.research:
             h = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6)))  # (L, 4D)
@@ -55,7 +65,7 @@ class HSTUBlock(nn.Module):
             alpha=1.0 if self.research else 1.0 / math.sqrt(self.d),
             norm_const=self.norm_const, norm_by_length=self.cfg.norm_by_length,
             pos_bias=self.pos_bias, time_bias=self.time_bias, ts_q=next_ts, ts_k=ts,
-            time_bucket_div=self.cfg.time_bucket_div).reshape(L, D)  # (L, D)
+            time_bucket_div=self.cfg.time_bucket_div, plan=plan).reshape(L, D)  # (L, D)
         if self.research:
             o = u * F.layer_norm(attn, (D,), eps=1e-6)
         else:
