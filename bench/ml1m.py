@@ -46,6 +46,7 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) (default 1)")
     p.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
     p.add_argument("--tag", default="", help="suffix of run names and the results file, for variants")
+    p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that finished")
     args = p.parse_args(argv)
     shards = Path(args.shards)
     ensure_shards("ml-1m", args.data_dir, shards)
@@ -54,6 +55,9 @@ def main(argv=None):
     for model in args.models.split(","):
         runs[model] = []
         for seed in range(args.seeds):
+            done = Path(args.runs) / f"{model}{args.tag}_s{seed}" / "metrics.json"
+            if args.no_train and not done.exists():
+                continue
             m = run_one(CONFIGS[model], Path(args.runs) / f"{model}{args.tag}_s{seed}", shards, seed, args.set,
                         args.nproc)
             if m:
