@@ -56,8 +56,9 @@ NOTES = [
     "Published rows use their own model selection (TIGER: none reported; RecBole: validation).",
     "Cold items are never trained: negatives are drawn from warm items only, and the ID-only row does not "
     "rank them at all (it has nothing but an untrained random row for them), so its cold recall is 0 by "
-    "construction. Letting them be sampled as negatives lowered ID-only validation HR@10 (.1089 -> .0979 at "
-    "epoch 21 before that masking existed), so the protocol matters; measured 2026-11-22 in this session.",
+    "construction. The protocol matters for ID-only validation HR@10 at epoch 21: .1089 when cold items were "
+    "sampled as negatives (pushed down: a leak of the split), .0979 with warm-only negatives but cold items "
+    "ranked with their random rows, .1087 with them not ranked (as tabulated; best .1117 at epoch 35).",
     "Session record (2026-11-22): rows ran two at a time, one thread each, on the 2 cores (train s are "
     "from that setting). The semantic-ID rows peak early (best validation epoch 9-10, stopped at ~20) while "
     "ID-only improves to epoch 35: code and content embeddings are shared across items and fit the "
