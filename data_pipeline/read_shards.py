@@ -80,15 +80,10 @@ def cut_for_split(seq: np.ndarray, split: str, cold: np.ndarray | None = None
         cut = n - 2 if split == "valid" else n - 1
         hist, target = seq[:, :cut], seq[:, cut]
     if cold is not None and len(cold):
-        if split == "valid" and _is_cold(target[schema.ROW_ITEM], cold):
+        if split == "valid" and np.isin(target[schema.ROW_ITEM], cold):
             return None
         hist = hist[:, ~np.isin(hist[schema.ROW_ITEM], cold)]
     return hist, target
-
-
-def _is_cold(item: int, cold: np.ndarray) -> bool:
-    i = np.searchsorted(cold, item)
-    return bool(i < len(cold) and cold[i] == item)
 
 
 def cold_items(manifest: dict) -> np.ndarray:

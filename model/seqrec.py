@@ -47,13 +47,11 @@ class SeqRecModel(nn.Module):
         _, positions = jagged_positions(batch.offsets, L)
         x = self.embed(batch, positions)  # (L, D)
         max_len = int(batch.lengths.max()) if batch.num_sequences else 0
-        if self.cfg.arch == "hstu":  # masks and bias indices once per batch, not once per layer
-            plan = self.blocks[0].attention_plan(batch.offsets, batch.timestamps, batch.next_timestamps)
-            for block in self.blocks:
-                x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len, plan)
-        else:
-            for block in self.blocks:
-                x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len)
+        plan = ()  # HSTU: masks and bias indices once per batch, shared by every layer
+        if self.cfg.arch == "hstu":
+            plan = (self.blocks[0].attention_plan(batch.offsets, batch.timestamps, batch.next_timestamps),)
+        for block in self.blocks:
+            x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len, *plan)
         return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
 
     def code_trie(self) -> CodeTrie:

@@ -114,9 +114,9 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
             continue
         vals = torch.cat([rank_metrics(ranks, cfg.ks), torch.ones(len(ranks), 1, dtype=torch.float64)], 1).cpu()
         sums.index_add_(0, batch.domain.cpu(), vals)
-        target = batch.targets[batch.offsets[1:] - 1].cpu()
+        target = batch.targets[batch.offsets[1:] - 1]  # on the batch's device, like `cold`
         is_cold = torch.isin(target, cold) if cold is not None else torch.zeros_like(target, dtype=torch.bool)
-        sums.index_add_(0, len(domains) + is_cold.long(), vals)
+        sums.index_add_(0, len(domains) + is_cold.long().cpu(), vals)
     model.train(was_training)
     sums = all_reduce(sums)
     out = summarize(sums[:len(domains)], names, domains)
