@@ -58,7 +58,9 @@ def naive_padded_attention(q, k, v, offsets, max_len, pos_bias, time_bias, ts_q,
 class NaiveHSTUBlock(HSTUBlock):
     """The research HSTU layer with the naive padded attention (same weights and math)."""
 
-    def forward(self, x, offsets, ts, next_ts, max_len):
+    def forward(self, x, offsets, ts, next_ts, max_len, plan=None):
+        # `plan` (the shared per-batch masks/bias indices) is ignored on purpose: the research code
+        # rebuilds the dense (B, N, N) bias in every layer, and that cost is what this row measures.
         L, D = x.shape
         u, v, q, k = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6))).split(D, dim=-1)
         shape = (L, self.H, self.d)
@@ -109,6 +111,9 @@ def main(argv=None):
     manifest = load_manifest(args.shards)
     loader = LoaderConfig(batch_size=128, max_len=200, num_workers=0)
     batches = [b for _, b in zip(range(args.batches + args.warmup), make_loader(args.shards, "train", loader))]
+    if len(batches) < args.batches + args.warmup:
+        p.error(f"{args.shards} has {len(batches)} train batches of 128; --warmup + --batches needs "
+                f"{args.batches + args.warmup}")
     cfg = ModelConfig(num_layers=args.layers, dim=args.dim, num_heads=args.heads, attention_backend="ref")
     loss_cfg = LossConfig(num_negatives=args.negatives)
     rows = {}
