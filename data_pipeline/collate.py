@@ -126,9 +126,24 @@ def collate(samples: list[dict]) -> JaggedBatch:
     return unpack(collate_packed(samples))
 
 
-def _tokens_stage(cfg: LoaderConfig):
+def random_window(history: np.ndarray, max_len: int, prob: float, rng: np.random.Generator) -> np.ndarray:
+    """A training history (5, n) -> its most recent max_len events, or with probability `prob` (when
+    n > max_len) the max_len events ending at a uniformly drawn position in [max_len, n]."""
+    n = history.shape[1]
+    if n <= max_len or prob <= 0 or rng.random() >= prob:
+        return history
+    end = int(rng.integers(max_len, n + 1))
+    return history[:, end - max_len:end]
+
+
+def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int):
+    windows = split == "train" and cfg.random_window > 0
+
     def stage(src):
         for ex in src:
+            if windows:  # seeded per (seed, epoch, user): the same on any rank/worker split
+                rng = np.random.default_rng([cfg.seed, epoch, ex["user"]])
+                ex = {**ex, "history": random_window(ex["history"], cfg.max_len, cfg.random_window, rng)}
             tok = example_to_tokens(ex, cfg.query_tokens, cfg.max_len)
             if tok is not None:
                 yield tok
@@ -140,7 +155,7 @@ def make_loader(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     """JaggedBatches for one epoch of `split`; rank and world size come from the environment
     (RANK, WORLD_SIZE, as set by torchrun and the deepspeed launcher) or torch.distributed."""
     pipe = read_shards(shard_dir, split, cfg, epoch, shuffle)
-    pipe.append(_tokens_stage(cfg))
+    pipe.append(_tokens_stage(cfg, split, epoch))
     pipe.append(wds.batched(cfg.batch_size, collation_fn=collate_packed, partial=True))
     loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=cfg.num_workers,
                                          persistent_workers=False, pin_memory=False)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -160,3 +161,33 @@ def test_incomplete_shard_set_is_refused(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ShardError, match="not a complete shard set"):
         read_shards(tmp_path / "half", "train", CFG)
+
+
+def _train_items(shard_dir, cfg, epoch):
+    return {u: b.item_ids[b.offsets[i]:b.offsets[i + 1]].tolist()
+            for b in make_loader(shard_dir, "train", cfg, epoch=epoch) for i, u in enumerate(b.user.tolist())}
+
+
+def test_random_window_is_a_seeded_contiguous_slice_of_the_training_history(shard_dir):
+    full = {ex["user"]: ex["history"][schema.ROW_ITEM].tolist() for ex in read_shards(shard_dir, "train", CFG)}
+    cfg = LoaderConfig(batch_size=4, max_len=6, num_workers=0, query_tokens=False, random_window=1.0)
+    ep0, ep1 = _train_items(shard_dir, cfg, 0), _train_items(shard_dir, cfg, 1)
+    assert ep0 == _train_items(shard_dir, cfg, 0)  # same seed and epoch: same windows
+    assert ep0 != ep1  # a new epoch draws new windows
+    recent = _train_items(shard_dir, LoaderConfig(batch_size=4, max_len=6, num_workers=0, query_tokens=False), 0)
+    moved = 0
+    for u, items in ep0.items():
+        hist = full[u]
+        assert recent[u] == hist[-6:]  # random_window = 0: the most recent events (reference recipe)
+        starts = [s for s in range(len(hist) - len(items) + 1) if hist[s:s + len(items)] == items]
+        assert len(items) == min(6, len(hist)) and starts, (u, items, hist)  # contiguous, full length
+        moved += starts[0] != len(hist) - len(items)
+    assert moved > len(ep0) // 3  # most long histories were cut somewhere else
+
+
+def test_random_window_leaves_eval_splits_alone(shard_dir):
+    cfg = LoaderConfig(batch_size=4, max_len=6, num_workers=0, random_window=1.0)
+    base = replace(cfg, random_window=0.0)
+    for split in ("valid", "test"):
+        got = [b.item_ids.tolist() for b in make_loader(shard_dir, split, cfg)]
+        assert got == [b.item_ids.tolist() for b in make_loader(shard_dir, split, base)]
