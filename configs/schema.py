@@ -75,6 +75,10 @@ class LoaderConfig:
     """Expand a search event into a query token followed by its clicked item token."""
     skip_bad_shards: bool = False
     """Skip (and count) a corrupt or truncated shard instead of stopping with an error."""
+    train_through_valid: bool = False
+    """Refit protocol: the train split also keeps each user's validation event (history = every event
+    but the test one, as in the reference code). Validation is then no longer held out: use it with
+    train.select = 'last' and train.epochs fixed (e.g. a validated run's best epoch + 1)."""
     random_window: float = 0.0
     """Training only: probability that a history longer than max_len events is cut to the max_len events
     ending at a uniformly drawn position instead of its most recent ones (seeded by seed, epoch and user).
@@ -268,6 +272,9 @@ class TrainConfig:
     """Seed of python, numpy and torch (init, dropout, negatives) and of the data order."""
     patience: int = 10
     """Stop after this many evaluations without a better validation NDCG@10 (0 = never stop early)."""
+    select: str = "best_valid"
+    """Weights tested at the end: 'best_valid' (the epoch with the best validation NDCG@10) or 'last'
+    (the final epoch; early stopping off; for refit runs, see data.train_through_valid)."""
     eval_every: int = 1
     """Evaluate on the validation split every this many epochs."""
     log_every: int = 1

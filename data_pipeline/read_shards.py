@@ -59,13 +59,14 @@ def shard_urls(shard_dir: str | Path, manifest: dict, skip_bad: bool = False) ->
     return urls
 
 
-def cut_for_split(seq: np.ndarray, split: str, cold: np.ndarray | None = None
+def cut_for_split(seq: np.ndarray, split: str, cold: np.ndarray | None = None, through_valid: bool = False
                   ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """One user's sequence (5, n) -> (history (5, h), target event (5,) or None) for `split`.
 
     train: history = events[:n-2] (all events for users too short to evaluate), no target (the
     targets are the next items inside the history); valid: history = events[:n-2], target = events[n-2];
     test: history = events[:n-1], target = events[n-1]. Returns None when the user has no example.
+    `through_valid` (refit runs only): the train history is events[:n-1], validation target included.
 
     `cold` (sorted dense item ids held out of training, manifest split_rule.cold_items): their events
     are removed from every history after the cut, and a cold validation target drops the user's
@@ -73,7 +74,7 @@ def cut_for_split(seq: np.ndarray, split: str, cold: np.ndarray | None = None
     """
     n = seq.shape[1]
     if split == "train":
-        hist, target = (seq[:, :n - 2] if n >= 3 else seq), None
+        hist, target = (seq[:, :n - 1 - (not through_valid)] if n >= 3 else seq), None
     elif n < 3:
         return None
     else:
@@ -124,10 +125,10 @@ def _open_verified(checksums: dict[str, str], skip: bool):
     return stage
 
 
-def _to_example(split: str, cold: np.ndarray):
+def _to_example(split: str, cold: np.ndarray, through_valid: bool):
     def stage(src):
         for s in src:
-            cut = cut_for_split(s["seq"], split, cold)
+            cut = cut_for_split(s["seq"], split, cold, through_valid)
             if cut is None:
                 continue
             s["history"], s["target"] = cut
@@ -170,7 +171,7 @@ def read_shards(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     stages = [wds.SimpleShardList(urls, seed=cfg.seed + epoch if shuffle else None),
               wds.split_by_node, wds.split_by_worker, _open_verified(checksums, cfg.skip_bad_shards),
               partial(tar_file_expander, handler=handler), partial(group_by_keys, handler=handler),
-              _decode(cfg.skip_bad_shards), _to_example(split, cold_items(manifest))]
+              _decode(cfg.skip_bad_shards), _to_example(split, cold_items(manifest), cfg.train_through_valid)]
     if shuffle and cfg.shuffle_buffer > 0:
         stages.append(_seeded_shuffle(cfg.shuffle_buffer, cfg.seed, epoch))
     return wds.DataPipeline(*stages)

@@ -45,6 +45,10 @@ def test_cut_for_split_removes_cold_events_after_cutting():
     assert cut_for_split(seq, "valid", cold) is None  # its validation target (7) is cold
     assert cut_for_split(seq, "train", cold)[0][ROW_ITEM].tolist() == [5, 5, 9]
     assert cut_for_split(seq, "valid", None)[1][ROW_ITEM] == 7
+    # refit runs train through the validation event, never the test one; cold events still removed
+    assert cut_for_split(seq, "train", None, through_valid=True)[0][ROW_ITEM].tolist() == [5, 7, 5, 9, 7]
+    assert cut_for_split(seq, "train", cold, through_valid=True)[0][ROW_ITEM].tolist() == [5, 5, 9]
+    assert cut_for_split(seq, "test", None, through_valid=True)[1][ROW_ITEM] == 3
 
 
 def test_without_cold_fraction_nothing_changes(tmp_path):

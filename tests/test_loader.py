@@ -191,3 +191,11 @@ def test_random_window_leaves_eval_splits_alone(shard_dir):
     for split in ("valid", "test"):
         got = [b.item_ids.tolist() for b in make_loader(shard_dir, split, cfg)]
         assert got == [b.item_ids.tolist() for b in make_loader(shard_dir, split, base)]
+
+
+def test_train_through_valid_adds_each_users_validation_event(shard_dir):
+    base = {ex["user"]: ex["history"].shape[1] for ex in read_shards(shard_dir, "train", CFG)}
+    refit = {ex["user"]: ex["history"].shape[1]
+             for ex in read_shards(shard_dir, "train", replace(CFG, train_through_valid=True))}
+    valid_users = {ex["user"] for ex in read_shards(shard_dir, "valid", CFG)}
+    assert refit == {u: n + (u in valid_users) for u, n in base.items()}

@@ -114,3 +114,16 @@ def test_single_process_run_learns(tmp_path, shards):
     hist = json.loads((tmp_path / "meta.json").read_text())["epochs"]
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert metrics["valid"]["ndcg@10"] > hist[0]["valid"]["ndcg@10"]
+
+
+def test_refit_run_trains_through_valid_and_tests_the_last_epoch(tmp_path, shards):
+    """select='last' ignores early stopping (patience 1 would stop a run whose validation stalls)."""
+    from train.pretrain import main
+    cfg = load_config(PretrainConfig, None, TINY + [f"shards={shards}", f"run_dir={tmp_path}", "train.epochs=3",
+                                                    "train.patience=1", "train.select=last", "train.eval_every=3",
+                                                    "data.train_through_valid=true"])
+    metrics = main(cfg)
+    assert metrics["epochs_run"] == 3 and metrics["best_epoch"] == 2 and metrics["selected"] == "last"
+    with pytest.raises(ValueError, match="train.select"):
+        main(load_config(PretrainConfig, None, TINY + [f"shards={shards}", f"run_dir={tmp_path}/x",
+                                                       "train.select=best"]))

@@ -110,6 +110,8 @@ def make_logger(run_dir: Path, rank: int):
 
 def main(cfg: PretrainConfig) -> dict:
     # ---- setup: process group, seeds, data manifest, run directory --------------------------------------
+    if cfg.train.select not in ("best_valid", "last"):
+        raise ValueError(f"train.select must be 'best_valid' or 'last', got {cfg.train.select!r}")
     rank, world = E.setup_distributed()
     dev = E.device()
     seed_everything(cfg.train.seed)
@@ -157,18 +159,22 @@ def main(cfg: PretrainConfig) -> dict:
             print(f"epoch {epoch}: loss {row['loss']:.4f}  {row['tokens_per_s']:,} tok/s  {row['seconds']}s  "
                   f"valid HR@10 {v.get('hr@10', float('nan')):.4f} NDCG@10 {v.get('ndcg@10', float('nan')):.4f}")
         E.save_checkpoint(eng, ckpt, "last", {"state": state}, gen)
-        if cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
+        if cfg.train.select == "best_valid" and cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
             break
 
-    # ---- test once, with the weights of the best validation epoch --------------------------------------
+    # ---- test once, with the weights of the best validation epoch (or the last, for refit runs) --------
     train_seconds = time.perf_counter() - t_start
-    E.load_checkpoint(eng, ckpt, "best", None, with_optimizer=False)
+    if cfg.train.select == "last":
+        state["best_epoch"] = state["epoch"]
+    E.load_checkpoint(eng, ckpt, "best" if cfg.train.select == "best_valid" else "last", None,
+                      with_optimizer=False)
     test = run_eval(eng, cfg, "test", manifest, dev)
     test_generative = None
     if cfg.model.generative_head:
         test_generative = run_eval(eng, cfg, "test", manifest, dev, generative=True)
     popularity = popularity_metrics(cfg.shards, "test", cfg.data, cfg.eval, all_reduce=E.all_reduce_sum)
     metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=state.get("best_valid"),
+                   selected=cfg.train.select, train_through_valid=cfg.data.train_through_valid,
                    test=test, test_generative=test_generative, test_popularity=popularity,
                    train_seconds_this_run=round(train_seconds, 1),
                    world_size=world,
@@ -179,7 +185,8 @@ def main(cfg: PretrainConfig) -> dict:
                                              world_size=world, epochs=state["history"]))
     if rank == 0:
         show = lambda m: "  ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in m)
-        print(f"test at best epoch {state['best_epoch']}: {show(test)}")
+        print(f"test at {'best' if cfg.train.select == 'best_valid' else 'last'} epoch {state['best_epoch']}: "
+              f"{show(test)}")
         for name, m in (test.get("per_slice") or {}).items():
             print(f"  {name} targets ({m['count']:,}): {show(m)}")
         if test_generative:
