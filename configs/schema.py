@@ -273,8 +273,10 @@ class TrainConfig:
     patience: int = 10
     """Stop after this many evaluations without a better validation NDCG@10 (0 = never stop early)."""
     select: str = "best_valid"
-    """Weights tested at the end: 'best_valid' (the epoch with the best validation NDCG@10) or 'last'
-    (the final epoch; early stopping off; for refit runs, see data.train_through_valid)."""
+    """Weights tested at the end: 'best_valid' (the epoch with the best validation NDCG@10), 'last'
+    (the final epoch; early stopping off; for refit runs, see data.train_through_valid) or 'best_test'
+    (evaluate the TEST split every eval and keep its best epoch: the HSTU reference code's protocol, which
+    has no validation split; optimistic, only to compare with numbers published that way)."""
     eval_every: int = 1
     """Evaluate on the validation split every this many epochs."""
     log_every: int = 1

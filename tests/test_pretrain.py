@@ -127,3 +127,16 @@ def test_refit_run_trains_through_valid_and_tests_the_last_epoch(tmp_path, shard
     with pytest.raises(ValueError, match="train.select"):
         main(load_config(PretrainConfig, None, TINY + [f"shards={shards}", f"run_dir={tmp_path}/x",
                                                        "train.select=best"]))
+
+
+def test_best_test_selection_reports_the_best_logged_test_epoch(tmp_path, shards):
+    """select='best_test' (the reference's protocol) evaluates test every epoch and keeps its best one."""
+    from train.pretrain import main
+    cfg = load_config(PretrainConfig, None, TINY + [f"shards={shards}", f"run_dir={tmp_path}", "train.epochs=3",
+                                                    "train.select=best_test", "data.train_through_valid=true"])
+    metrics = main(cfg)
+    hist = json.loads((tmp_path / "meta.json").read_text())["epochs"]
+    assert all("test" in row and "valid" not in row for row in hist)
+    best = max(range(3), key=lambda e: hist[e]["test"]["ndcg@10"])
+    assert metrics["best_epoch"] == best and metrics["valid"] is None
+    assert metrics["test"]["ndcg@10"] == pytest.approx(hist[best]["test"]["ndcg@10"], abs=1e-6)

@@ -5,7 +5,9 @@
     deepspeed --num_gpus 2 -m train pretrain ...        OMP_NUM_THREADS=1 on CPU, or --bind_cores_to_rank
     torchrun --nproc_per_node 2 -m train pretrain ...
 
-Model selection uses the validation split only; the test split is read once, at the end.
+Model selection uses the validation split only; the test split is read once, at the end. (Two opt-in
+exceptions: train.select=last tests the final epoch of a refit run; train.select=best_test reproduces the
+HSTU reference code's optimistic protocol, test every epoch, to compare with numbers published that way.)
 """
 from __future__ import annotations
 
@@ -110,8 +112,9 @@ def make_logger(run_dir: Path, rank: int):
 
 def main(cfg: PretrainConfig) -> dict:
     # ---- setup: process group, seeds, data manifest, run directory --------------------------------------
-    if cfg.train.select not in ("best_valid", "last"):
-        raise ValueError(f"train.select must be 'best_valid' or 'last', got {cfg.train.select!r}")
+    if cfg.train.select not in ("best_valid", "last", "best_test"):
+        raise ValueError(f"train.select must be 'best_valid', 'last' or 'best_test', got {cfg.train.select!r}")
+    select_split = "test" if cfg.train.select == "best_test" else "valid"  # best_test: the reference's protocol
     rank, world = E.setup_distributed()
     dev = E.device()
     seed_everything(cfg.train.seed)
@@ -144,8 +147,8 @@ def main(cfg: PretrainConfig) -> dict:
     for epoch in range(state["epoch"] + 1, cfg.train.epochs):
         row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, rank, candidates)
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-            val = run_eval(eng, cfg, "valid", manifest, dev)
-            row["valid"] = {k: v for k, v in val.items() if k != "per_domain"}
+            val = run_eval(eng, cfg, select_split, manifest, dev)
+            row[select_split] = {k: v for k, v in val.items() if k != "per_domain"}
             if val["ndcg@10"] > state["best_ndcg"]:
                 state.update(best_ndcg=val["ndcg@10"], best_epoch=epoch, bad_evals=0, best_valid=val)
                 E.save_checkpoint(eng, ckpt, "best", {"state": state}, gen)
@@ -155,25 +158,27 @@ def main(cfg: PretrainConfig) -> dict:
         state["history"].append(row)
         log(dict(kind="epoch", **row))
         if rank == 0:
-            v = row.get("valid", {})
+            v = row.get(select_split, {})
+            nan = float("nan")
             print(f"epoch {epoch}: loss {row['loss']:.4f}  {row['tokens_per_s']:,} tok/s  {row['seconds']}s  "
-                  f"valid HR@10 {v.get('hr@10', float('nan')):.4f} NDCG@10 {v.get('ndcg@10', float('nan')):.4f}")
+                  f"{select_split} HR@10 {v.get('hr@10', nan):.4f} NDCG@10 {v.get('ndcg@10', nan):.4f}")
         E.save_checkpoint(eng, ckpt, "last", {"state": state}, gen)
-        if cfg.train.select == "best_valid" and cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
+        if cfg.train.select != "last" and cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
             break
 
     # ---- test once, with the weights of the best validation epoch (or the last, for refit runs) --------
     train_seconds = time.perf_counter() - t_start
     if cfg.train.select == "last":
         state["best_epoch"] = state["epoch"]
-    E.load_checkpoint(eng, ckpt, "best" if cfg.train.select == "best_valid" else "last", None,
+    E.load_checkpoint(eng, ckpt, "last" if cfg.train.select == "last" else "best", None,
                       with_optimizer=False)
     test = run_eval(eng, cfg, "test", manifest, dev)
     test_generative = None
     if cfg.model.generative_head:
         test_generative = run_eval(eng, cfg, "test", manifest, dev, generative=True)
     popularity = popularity_metrics(cfg.shards, "test", cfg.data, cfg.eval, all_reduce=E.all_reduce_sum)
-    metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=state.get("best_valid"),
+    best_valid = state.get("best_valid") if select_split == "valid" else None  # best_test: no valid eval
+    metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=best_valid,
                    selected=cfg.train.select, train_through_valid=cfg.data.train_through_valid,
                    test=test, test_generative=test_generative, test_popularity=popularity,
                    train_seconds_this_run=round(train_seconds, 1),
@@ -185,8 +190,8 @@ def main(cfg: PretrainConfig) -> dict:
                                              world_size=world, epochs=state["history"]))
     if rank == 0:
         show = lambda m: "  ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in m)
-        print(f"test at {'best' if cfg.train.select == 'best_valid' else 'last'} epoch {state['best_epoch']}: "
-              f"{show(test)}")
+        which = "last" if cfg.train.select == "last" else "best " + select_split
+        print(f"test at {which} epoch {state['best_epoch']}: {show(test)}")
         for name, m in (test.get("per_slice") or {}).items():
             print(f"  {name} targets ({m['count']:,}): {show(m)}")
         if test_generative:
