@@ -41,3 +41,30 @@ def test_throughput_script_refuses_too_few_batches(shard_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         throughput.main(["--shards", str(shard_dir), "--batches", "50", "--out", str(tmp_path)])
     assert "train batches" in capsys.readouterr().err
+
+
+def test_ml1m_variants_table_reads_changes_off_the_run_configs(tmp_path):
+    """A variant's row names exactly the fields that differ from its model's YAML (seed/paths ignored)."""
+    import dataclasses
+
+    from bench import ml1m_variants as mv
+    from bench.seqrec import ROOT
+    from configs.load import load_config
+    from configs.schema import PretrainConfig
+    base = dataclasses.asdict(load_config(PretrainConfig, ROOT / mv.CONFIGS["hstu_large"]))
+    test = {k: 0.1 for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50")}
+    for name, change in (("hstu_large_rw_s1", 0.5), ("hstu_large_s0", 0.0)):
+        cfg = json.loads(json.dumps(base))
+        cfg["data"]["random_window"], cfg["train"]["seed"], cfg["run_dir"] = change, 1, f"/x/{name}"
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+        (tmp_path / name / "metrics.json").write_text(json.dumps(dict(test=test, best_epoch=3, epochs_run=5,
+                                                                      valid={"hr@10": 0.2})))
+    (tmp_path / "hstu_large_s9").mkdir()  # unfinished: no metrics.json, skipped
+    rows = {r["run"]: r for r in mv.collect(tmp_path)}
+    assert set(rows) == {"hstu_large_rw_s1", "hstu_large_s0"}
+    assert rows["hstu_large_rw_s1"]["changes"] == ["data.random_window=0.5"]
+    assert rows["hstu_large_s0"]["changes"] == [] and rows["hstu_large_s0"]["model"] == "hstu_large"
+    mv.write(list(rows.values()), tmp_path / "out", "cmd")
+    table = (tmp_path / "out" / "ml1m_variants.md").read_text()
+    assert "| hstu_large_s0 | paper recipe | best valid epoch | 0.2000 |" in table
