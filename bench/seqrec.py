@@ -40,7 +40,7 @@ def ensure_shards(dataset: str, raw: str, shards: Path, extra: list[str] = ()) -
 def run_one(config: str, run_dir: Path, shards: Path, seed: int, overrides: list[str], nproc: int) -> dict | None:
     """Train (or resume, or skip) one run; returns its metrics.json or None if it failed."""
     if (run_dir / "metrics.json").exists():
-        return json.loads((run_dir / "metrics.json").read_text())
+        return _with_train_seconds(run_dir)
     launch = [sys.executable, "-m", "train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
     cmd = launch + ["pretrain", "--config", config, "--set", f"run_dir={run_dir}", "--set", f"shards={shards}",
@@ -57,6 +57,15 @@ def run_one(config: str, run_dir: Path, shards: Path, seed: int, overrides: list
     m = json.loads((run_dir / "metrics.json").read_text())
     m["wall_seconds"] = round(time.time() - t0, 1)
     (run_dir / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
+    return _with_train_seconds(run_dir)
+
+
+def _with_train_seconds(run_dir: Path) -> dict:
+    """metrics.json plus train_seconds = the sum of every epoch's training time (meta.json's history), which,
+    unlike train_seconds_this_run, counts the epochs of earlier sessions of a resumed run; eval excluded."""
+    m = json.loads((run_dir / "metrics.json").read_text())
+    epochs = json.loads((run_dir / "meta.json").read_text())["epochs"]
+    m["train_seconds"] = round(sum(e["seconds"] for e in epochs), 1)
     return m
 
 
@@ -67,7 +76,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             continue
         row = {"seeds": len(ms), "best_epochs": [m["best_epoch"] for m in ms],
                "epochs_run": [m["epochs_run"] for m in ms],
-               "train_seconds": [m.get("train_seconds_this_run") for m in ms],
+               "train_seconds": [m["train_seconds"] for m in ms],
                "test_at": sorted({PROTOCOL[(m.get("selected", "best_valid"), bool(m.get("train_through_valid")))]
                                   for m in ms})}
         for k in METRICS + ("mrr",):
@@ -89,7 +98,8 @@ def write_results(name: str, title: str, summary: dict, reference: list[tuple], 
     fmt = lambda r, k: f"{r[k]['mean']:.4f} ± {r[k]['sd']:.4f}"  # noqa: E731
     lines = [f"# {title}", "", f"{meta['date']}, {meta['machine']}, git {sha}", "", f"`{command}`", "",
              "Test metrics at the epoch named in 'test at', full ranking over all items, history excluded; "
-             "mean ± sd over seeds.", "",
+             "mean ± sd over seeds; epochs = the tested epoch of each seed; train s/run = training seconds "
+             "summed over epochs (evaluation excluded).", "",
              "| model | seeds | test at | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | epochs | train s/run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for model, r in summary.items():
