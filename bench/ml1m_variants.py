@@ -23,12 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import git_sha  # noqa: E402
 from bench.ml1m import CONFIGS  # noqa: E402
-from bench.seqrec import ROOT  # noqa: E402
+from bench.seqrec import ROOT, tested_epoch  # noqa: E402
 from configs.load import load_config  # noqa: E402
 from configs.schema import PretrainConfig  # noqa: E402
 
 IGNORED = {"run_dir", "shards", "train.seed", "resume"}  # differ between every run by construction
-PROTOCOL = {"best_valid": "best valid epoch", "last": "last epoch", "best_test": "best TEST epoch (optimistic)"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -62,9 +61,9 @@ def collect(runs_dir: Path) -> list[dict]:
             continue
         m = json.loads((d / "metrics.json").read_text())
         diff = config_diff(json.loads((d / "config.json").read_text()), bases[model])
-        through_valid = bool(m.get("train_through_valid"))
-        rows.append(dict(run=d.name, model=model, changes=diff, protocol=PROTOCOL[m.get("selected", "best_valid")],
-                         valid_hr10=(m.get("valid") or {}).get("hr@10"), valid_contaminated=through_valid,
+        rows.append(dict(run=d.name, model=model, changes=diff, protocol=tested_epoch(m),
+                         valid_hr10=(m.get("valid") or {}).get("hr@10"),
+                         valid_contaminated=bool(m.get("train_through_valid")),
                          test={k: m["test"][k] for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50")},
                          best_epoch=m["best_epoch"], epochs_run=m["epochs_run"]))
     return rows

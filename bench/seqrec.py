@@ -29,6 +29,11 @@ PROTOCOL = {  # (train.select, data.train_through_valid) -> which epoch the test
     ("best_test", True): "best TEST epoch (optimistic), trained through valid"}
 
 
+def tested_epoch(metrics: dict) -> str:
+    """Which epoch a run's test numbers come from, read off its metrics.json (older runs: best valid)."""
+    return PROTOCOL[(metrics.get("selected", "best_valid"), bool(metrics.get("train_through_valid")))]
+
+
 def ensure_shards(dataset: str, raw: str, shards: Path, extra: list[str] = ()) -> None:
     if (shards / "manifest.json").exists():
         return
@@ -77,8 +82,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
         row = {"seeds": len(ms), "best_epochs": [m["best_epoch"] for m in ms],
                "epochs_run": [m["epochs_run"] for m in ms],
                "train_seconds": [m["train_seconds"] for m in ms],
-               "test_at": sorted({PROTOCOL[(m.get("selected", "best_valid"), bool(m.get("train_through_valid")))]
-                                  for m in ms})}
+               "test_at": sorted({tested_epoch(m) for m in ms})}
         for k in METRICS + ("mrr",):
             vals = [m["test"][k] for m in ms]
             row[k] = dict(mean=statistics.fmean(vals), sd=statistics.stdev(vals) if len(vals) > 1 else 0.0)

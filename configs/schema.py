@@ -271,14 +271,15 @@ class TrainConfig:
     seed: int = 0
     """Seed of python, numpy and torch (init, dropout, negatives) and of the data order."""
     patience: int = 10
-    """Stop after this many evaluations without a better validation NDCG@10 (0 = never stop early)."""
+    """Stop after this many evaluations without a better validation NDCG@10 (test NDCG@10 under
+    select='best_test'; 0 = never stop early)."""
     select: str = "best_valid"
     """Weights tested at the end: 'best_valid' (the epoch with the best validation NDCG@10), 'last'
     (the final epoch; early stopping off; for refit runs, see data.train_through_valid) or 'best_test'
     (evaluate the TEST split every eval and keep its best epoch: the HSTU reference code's protocol, which
     has no validation split; optimistic, only to compare with numbers published that way)."""
     eval_every: int = 1
-    """Evaluate on the validation split every this many epochs."""
+    """Evaluate on the validation split (the test split under select='best_test') every this many epochs."""
     log_every: int = 1
     """Write a JSONL log line (loss, lr, tokens/s) every this many optimizer steps."""
     max_steps_per_epoch: int = 0

@@ -166,7 +166,7 @@ def main(cfg: PretrainConfig) -> dict:
         if cfg.train.select != "last" and cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
             break
 
-    # ---- test once, with the weights of the best validation epoch (or the last, for refit runs) --------
+    # ---- test once, with the weights train.select names: best validation epoch, last, or best test -----
     train_seconds = time.perf_counter() - t_start
     if cfg.train.select == "last":
         state["best_epoch"] = state["epoch"]
