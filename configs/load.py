@@ -2,6 +2,9 @@
 
 Strict on purpose: an unknown key or a value of the wrong type is an error that names the dotted key,
 because a typo'd key that is silently ignored costs a whole training run.
+
+Floats follow YAML 1.2 (`1e-3`, `3e4`, `.5`, `-2E-5`, `1_000.5`), not PyYAML's YAML 1.1 rule, which
+reads `1e-3` as a string (it wants `1.0e-3`) and would also refuse the `1e-05` that `json.dumps` writes.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import textwrap
 import typing
 from pathlib import Path
@@ -18,6 +22,31 @@ import yaml
 
 class ConfigError(ValueError):
     """A config problem; the message names the dotted key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose implicit float rule is YAML 1.2's: a dot or an exponent makes a number a float
+    (a bare `3` stays an int). SafeConstructor's float constructor already drops `_` and reads `.inf`."""
+
+
+_FLOAT = re.compile(r"""^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?  # 1.  1.5  1.5e-3
+                     |[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?             # .5  .5e3
+                     |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                     # 1e-3  3e4  -2E-5
+                     |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {  # SafeLoader's table without its YAML 1.1 float rule, then ours
+    ch: [(tag, rx) for tag, rx in rules if tag != "tag:yaml.org,2002:float"]
+    for ch, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
+
+
+def parse_yaml(text: str, where: str):
+    """YAML text -> Python values with YAML 1.2 floats; a syntax error is a one-line ConfigError."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as e:
+        mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: invalid YAML{at}: {' '.join(problem.split())}") from None
 
 
 def _check_scalar(key: str, value, typ):
@@ -85,11 +114,13 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
     """Defaults of `cls`, then the YAML file at `path`, then `section.key=value` overrides, in order.
 
     Override values are parsed as YAML, so `train.lr=3e-4`, `data.domains=[a,b]`, `x.flag=true` work.
+    A missing file or a YAML syntax error is a ConfigError too.
     """
     tree = dataclasses.asdict(cls())
     if path is not None:
-        text = Path(path).read_text()
-        loaded = yaml.safe_load(text) or {}
+        if not Path(path).is_file():
+            raise ConfigError(f"config file {path} not found")
+        loaded = parse_yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         _merge(tree, loaded)
@@ -97,7 +128,7 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | tupl
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value")
         dotted, raw = item.split("=", 1)
-        _set_dotted(tree, dotted.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_dotted(tree, dotted.strip(), parse_yaml(raw, f"override {item!r}") if raw.strip() else "")
     return _build(cls, tree)
 
 

@@ -77,3 +77,46 @@ def test_saved_config_round_trips(tmp_path):
 def test_committed_yaml_files_load(path):
     cls = {"pretrain": schema.PretrainConfig, "data": schema.PrepareConfig, "content": schema.ContentStageConfig}
     load_config(cls[path.parent.name], path)
+
+
+# every float a user would type; PyYAML's YAML 1.1 rule reads the ones without a dot (and `-.5`) as strings
+FLOATS = [("1e-3", 1e-3), ("3e4", 3e4), ("-2E-5", -2e-5), ("+1e+3", 1e3), ("1e-05", 1e-5), ("-.5", -0.5),
+          (".5", 0.5), ("1_000.5", 1000.5), ("5.", 5.0), ("1.0e-3", 1e-3)]
+
+
+@pytest.mark.parametrize("text,value", FLOATS, ids=[t for t, _ in FLOATS])
+def test_floats_parse_in_overrides_and_yaml(tmp_path, text, value):
+    assert load_config(schema.PretrainConfig, None, [f"train.lr={text}"]).train.lr == value
+    f = tmp_path / "c.yaml"
+    f.write_text(f"train:\n  lr: {text}\n")
+    assert load_config(schema.PretrainConfig, f).train.lr == value
+
+
+def test_float_rule_leaves_ints_and_strings_alone():
+    cfg = load_config(schema.PrepareConfig, None, ["shards.samples_per_shard=1_000",
+                                                   "synthetic.domains=[1e, e5, 1.2.3]"])
+    assert cfg.shards.samples_per_shard == 1000 and isinstance(cfg.shards.samples_per_shard, int)
+    assert cfg.synthetic.domains == ["1e", "e5", "1.2.3"]
+    with pytest.raises(ConfigError, match="shards.samples_per_shard: expected an integer, got 1000.0"):
+        load_config(schema.PrepareConfig, None, ["shards.samples_per_shard=1e3"])  # a float is not an int
+
+
+def test_saved_json_with_small_floats_loads_back(tmp_path):
+    """json.dumps writes 1e-05 (no dot): the run directory's config.json must load back as it was saved."""
+    cfg = load_config(schema.PretrainConfig, None, ["train.lr=0.00001", "train.weight_decay=1e-7"])
+    save_config(cfg, tmp_path / "config.json")
+    assert "1e-05" in (tmp_path / "config.json").read_text()
+    assert load_config(schema.PretrainConfig, tmp_path / "config.json") == cfg
+
+
+def test_bad_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
+        load_config(schema.PretrainConfig, tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML at line 2, column 1: expected the node content"):
+        load_config(schema.PretrainConfig, tmp_path / "bad.yaml")
+
+
+def test_bad_override_yaml_is_a_config_error():
+    with pytest.raises(ConfigError, match="override 'synthetic.domains=\\[a, b': invalid YAML at line 1"):
+        load_config(schema.PrepareConfig, None, ["synthetic.domains=[a, b"])
