@@ -6,10 +6,9 @@ import dataclasses
 import sys
 import time
 
-from configs.load import help_text, load_config, save_config
+from configs.load import ConfigError, help_text, load_config, save_config
 from configs.schema import ContentStageConfig, PrepareConfig
 from data_pipeline.read_shards import ShardError, load_manifest
-from data_pipeline.schema import DataError
 
 EPILOG = """examples:
   python -m data_pipeline prepare --dataset ml-1m --raw ../shared/data/ml-1m --out shards/ml-1m
@@ -75,7 +74,7 @@ def resolve_config(args) -> PrepareConfig:
     cfg.skip_bad_rows |= args.skip_bad_rows
     cfg.overwrite |= args.overwrite
     if cfg.dataset != "synthetic" and not cfg.raw:
-        raise SystemExit(f"error: --raw is required for dataset {cfg.dataset!r}")
+        raise ConfigError(f"--raw is required for dataset {cfg.dataset!r}")
     return cfg
 
 
@@ -112,19 +111,15 @@ def summary_table(m: dict) -> str:
 
 def content_main(args) -> int:
     from data_pipeline import content_stage
-    from data_pipeline.content import ContentError, make_image_features
+    from data_pipeline.content import make_image_features
     t0 = time.time()
-    try:
-        if args.command == "images":
-            print(f"wrote {make_image_features(args.shards, args.out, seed=args.seed)}")
-            return 0
-        cfg = load_config(ContentStageConfig, args.config, args.set)
-        if args.shards:
-            cfg = dataclasses.replace(cfg, shards=args.shards)
-        summary = content_stage.run(cfg, progress=not args.quiet)
-    except (ContentError, DataError, ShardError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "images":
+        print(f"wrote {make_image_features(args.shards, args.out, seed=args.seed)}")
+        return 0
+    cfg = load_config(ContentStageConfig, args.config, args.set)
+    if args.shards:
+        cfg = dataclasses.replace(cfg, shards=args.shards)
+    summary = content_stage.run(cfg, progress=not args.quiet)
     save_config(cfg, f"{cfg.shards}/{content_stage.SID_DIR}/content_config.json")
     st = summary["stats"]
     print(f"content: {summary['content_modalities']}  semantic IDs: {summary['method']} "
@@ -135,25 +130,38 @@ def content_main(args) -> int:
     return 0
 
 
+# A bad config, raw file or shard set: one line on stderr and exit code 2, never a traceback. ValueError
+# covers ConfigError, DataError, ContentError and the stages' checks of their inputs (an unknown dataset,
+# shards.cold_item_frac out of range, ...): the data pipeline raises it for nothing else.
+INPUT_ERRORS = (ValueError, ShardError, FileNotFoundError, FileExistsError)
+
+
+def input_error(e: Exception) -> int:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "inspect":
-        print(summary_table(load_manifest(args.shards)))
-        return 0
-    if args.command in ("content", "images"):
-        return content_main(args)
+    try:
+        if args.command == "inspect":
+            print(summary_table(load_manifest(args.shards)))
+            return 0
+        if args.command in ("content", "images"):
+            return content_main(args)
+        return prepare_main(args)
+    except INPUT_ERRORS as e:
+        return input_error(e)
+
+
+def prepare_main(args) -> int:
     cfg = resolve_config(args)
     from data_pipeline.write_shards import write_shards
     t0 = time.time()
-    try:
-        print(f"reading {cfg.dataset} {cfg.raw}".rstrip(), file=sys.stderr)
-        ds = read_source(cfg)
-        print(f"read {len(ds.events):,} events in {time.time() - t0:.1f}s; writing shards to {cfg.out}",
-              file=sys.stderr)
-        manifest = write_shards(ds, cfg.out, cfg.shards, overwrite=cfg.overwrite, progress=not args.quiet)
-    except (DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(f"reading {cfg.dataset} {cfg.raw}".rstrip(), file=sys.stderr)
+    ds = read_source(cfg)
+    print(f"read {len(ds.events):,} events in {time.time() - t0:.1f}s; writing shards to {cfg.out}", file=sys.stderr)
+    manifest = write_shards(ds, cfg.out, cfg.shards, overwrite=cfg.overwrite, progress=not args.quiet)
     save_config(cfg, f"{cfg.out}/prepare_config.json")
     print(summary_table(manifest))
     print(f"done in {time.time() - t0:.1f}s -> {cfg.out}/manifest.json")

@@ -4,8 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from configs.load import help_text, load_config
+from configs.load import ConfigError, help_text, load_config
 from configs.schema import PretrainConfig
+
+
+def input_error(e: Exception) -> int:
+    """A bad config, shard set or input file is the user's to fix: its one-line message, exit code 2."""
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
 
 
 def main(argv=None) -> int:
@@ -23,11 +29,16 @@ def main(argv=None) -> int:
     s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.command == "pretrain":
+        from data_pipeline.read_shards import ShardError
+        from data_pipeline.schema import DataError
         from train.pretrain import main as pretrain
-        cfg = load_config(PretrainConfig, args.config, args.set)
-        if args.resume:
-            cfg.resume = True
-        pretrain(cfg)
+        try:
+            cfg = load_config(PretrainConfig, args.config, args.set)
+            if args.resume:
+                cfg.resume = True
+            pretrain(cfg)
+        except (ConfigError, DataError, ShardError, FileNotFoundError) as e:
+            return input_error(e)
     return 0
 
 
