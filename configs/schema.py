@@ -269,7 +269,7 @@ class TrainConfig:
     precision: str = "fp32"
     """'fp32' or 'bf16' (DeepSpeed bf16 mode: bf16 compute, fp32 master weights at ZeRO >= 1)."""
     seed: int = 0
-    """Seed of python, numpy and torch (init, dropout, negatives) and of the data order."""
+    """Seed of python, numpy and torch (init, dropout, negatives); the data order is data.seed."""
     patience: int = 10
     """Stop after this many evaluations without a better validation NDCG@10 (test NDCG@10 under
     select='best_test'; 0 = never stop early)."""
