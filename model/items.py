@@ -97,9 +97,6 @@ class ItemEncoder(nn.Module):
             x = x * (ids != 0).unsqueeze(-1).to(x.dtype)  # padding (id 0) embeds to zero: query tokens rely on it
         return x
 
-    def all_ids(self, device=None) -> torch.Tensor:
-        return torch.arange(self.num_items + 1, device=device)
-
 
 def _checked(t: torch.Tensor | None, what: str, num_items: int) -> torch.Tensor:
     if t is None:

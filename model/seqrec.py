@@ -1,8 +1,11 @@
 """The sequence model: token embeddings -> blocks -> L2-normalised states, and the item table.
 
-    states = model(batch)                 # (L, D), one per token, unit norm
-    items  = model.item_embeddings()      # (I+1, D), unit norm, row 0 = padding
+    states = model(batch)                                # (L, D), one per token, unit norm
+    items  = F.normalize(model.embed.item(ids), dim=-1)  # (n, D), rows `ids` of the item table, unit norm
     score(token t, item i) = <states[t], items[i]>
+
+The item table is read through the `model.embed.item` module call (train/losses.py; train/evaluate.py,
+a chunk of ids at a time), never through a weight tensor, so ZeRO-3's parameter gathering hooks fire.
 
 One encoder serves recommendation (history -> next item) and search (history + query token -> next
 item); both score the same item table.
@@ -60,11 +63,6 @@ class SeqRecModel(nn.Module):
         if self._trie is None or self._trie.device != codes.device:
             self._trie = CodeTrie(codes, self.embed.item.level_sizes).to(codes.device)
         return self._trie
-
-    def item_embeddings(self) -> torch.Tensor:
-        """(I+1, D) unit-norm item table; row 0 (padding) is zero."""
-        ids = self.embed.item.all_ids(next(self.parameters()).device)
-        return F.normalize(self.embed.item(ids), dim=-1, eps=1e-6)
 
 
 def build_model(cfg: ModelConfig, manifest: dict, max_len: int, feats: ItemFeatures | None = None) -> SeqRecModel:
