@@ -11,6 +11,7 @@ from data_pipeline.read_shards import cold_items, cut_for_split, load_manifest, 
 from data_pipeline.schema import ROW_ITEM
 from data_pipeline.write_shards import write_shards
 from tests.conftest import make_dataset
+from tests.helpers import FixedTableModel
 from train.evaluate import evaluate
 
 
@@ -56,25 +57,13 @@ def test_without_cold_fraction_nothing_changes(tmp_path):
     assert a["split_rule"]["cold_items"] == [] and a["counts"]["cold"]["items"] == 0
 
 
-class Fixed(torch.nn.Module):
-    """Scores items by a fixed table; every state is the same, so ranks are the table's order."""
-
-    def __init__(self, scores):
-        super().__init__()
-        self.embed = torch.nn.Module()
-        self.embed.item = torch.nn.Embedding.from_pretrained(torch.stack([scores, (1 - scores**2).sqrt()], 1))
-
-    def forward(self, batch):
-        return torch.tensor([[1.0, 0.0]]).expand(batch.item_ids.numel(), 2)
-
-
 def test_evaluate_reports_cold_and_warm_slices():
     from data_pipeline.collate import collate
     z = np.zeros(1, dtype=np.int64)
     toks = [dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
                  domains=z, targets=z + t, domain=0, user=0) for t in (1, 2, 3, 4)]
     batch = collate(toks)
-    model = Fixed(torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6]))  # item 1 ranks 1st, 2 -> 2nd, ...
+    model = FixedTableModel([0.9, 0.8, 0.7, 0.6])  # item 1 ranks 1st, 2 -> 2nd, ...
     cfg = EvalConfig(ks=[1, 2], exclude_history=False)
     out = evaluate(model, [(batch, True)], cfg, 4, ["d"], cold=torch.tensor([2, 4]))
     assert out["per_slice"]["warm"]["count"] == 2 and out["per_slice"]["cold"]["count"] == 2
@@ -87,7 +76,7 @@ def test_negatives_never_touch_held_out_items():
     from configs.schema import LossConfig
     from train import losses
     torch.manual_seed(0)
-    model = Fixed(torch.rand(11) * 0.9)
+    model = FixedTableModel(torch.rand(10) * 0.9)
     states = torch.nn.functional.normalize(torch.randn(40, 2), dim=-1)
     targets = torch.randint(1, 9, (40,))
     warm = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])  # items 9 and 10 are cold
@@ -112,7 +101,7 @@ def test_unrankable_items_are_never_ranked_and_count_as_misses():
     z = np.zeros(1, dtype=np.int64)
     toks = [dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
                  domains=z, targets=z + t, domain=0, user=0) for t in (3, 2)]
-    model = Fixed(torch.tensor([0.0, 0.9, 0.8, 0.7, 0.6]))  # items rank 1, 2, 3, 4 by id
+    model = FixedTableModel([0.9, 0.8, 0.7, 0.6])  # items rank 1, 2, 3, 4 by id
     cfg = EvalConfig(ks=[1, 2], exclude_history=False)
     out = evaluate(model, [(collate(toks), True)], cfg, 4, ["d"], unrankable=torch.tensor([2]))
     # target 3 moves up from rank 3 to 2 (item 2 is not ranked); target 2 is a miss at every K

@@ -6,27 +6,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from configs.schema import EvalConfig
 from data_pipeline.collate import collate
+from tests.helpers import FixedTableModel
 from train.evaluate import evaluate, rank_metrics, ranks_for_batch
 
 
-class FixedModel(nn.Module):
-    """States and item vectors chosen by hand: score(item) = cos(angle of item)."""
+class FixedModel(FixedTableModel):
+    """Items placed by hand at angles to every state: score(item) = cos(its angle)."""
 
-    def __init__(self, item_angles_deg, state_dim=2):
-        super().__init__()
-        ang = torch.tensor([0.0] + list(item_angles_deg)) * math.pi / 180
-        w = torch.stack([torch.cos(ang), torch.sin(ang)], 1)
-        w[0] = 0  # padding row
-        self.embed = nn.Module()
-        self.embed.item = nn.Embedding.from_pretrained(w)
-
-    def forward(self, batch):
-        L = batch.item_ids.numel()
-        return torch.tensor([[1.0, 0.0]]).expand(L, 2)
+    def __init__(self, item_angles_deg):
+        super().__init__(torch.cos(torch.tensor(item_angles_deg, dtype=torch.float32) * math.pi / 180))
 
 
 def make_batch(histories, targets, domains=None):
