@@ -39,6 +39,10 @@ class JaggedBatch:
     offsets: torch.Tensor  # (B+1,) sequence b is tokens offsets[b]:offsets[b+1]
     domain: torch.Tensor  # (B,) domain of the sequence's predicted event
     user: torch.Tensor  # (B,) dense user index
+    # evaluation splits only: jagged (seen, seen_offsets) = every item of each user's history before the
+    # target, not cut to max_len (the exclude_history='full' rule); None in training batches
+    seen: torch.Tensor | None = None  # (H,)
+    seen_offsets: torch.Tensor | None = None  # (B+1,)
 
     @property
     def num_sequences(self) -> int:
@@ -49,7 +53,8 @@ class JaggedBatch:
         return self.offsets[1:] - self.offsets[:-1]  # (B,)
 
     def to(self, device) -> JaggedBatch:
-        return JaggedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return JaggedBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
 def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool, max_len: int) -> dict:
@@ -97,6 +102,8 @@ def example_to_tokens(ex: dict, query_tokens: bool, max_len: int) -> dict | None
     else:
         dom = int(ex["history"][ROW_DOMAIN, -1])
     tok["domain"], tok["user"] = dom, ex["user"]
+    if "seen" in ex:
+        tok["seen"] = ex["seen"]
     return tok
 
 
@@ -111,14 +118,20 @@ def collate_packed(samples: list[dict]) -> dict[str, torch.Tensor]:
     offsets[1:] = torch.from_numpy(np.cumsum(lengths))
     tokens = np.stack([np.concatenate([s[k] for s in samples]) for k in TOKEN_FIELDS])  # (8, L)
     per_seq = np.array([[s["domain"] for s in samples], [s["user"] for s in samples]], dtype=np.int64)
-    return dict(tokens=torch.from_numpy(tokens), offsets=offsets, per_seq=torch.from_numpy(per_seq))
+    out = dict(tokens=torch.from_numpy(tokens), offsets=offsets, per_seq=torch.from_numpy(per_seq))
+    if all("seen" in s for s in samples):
+        out["seen_offsets"] = torch.zeros(len(samples) + 1, dtype=torch.int64)
+        out["seen_offsets"][1:] = torch.from_numpy(np.cumsum([len(s["seen"]) for s in samples]))
+        out["seen"] = torch.from_numpy(np.concatenate([s["seen"] for s in samples]).astype(np.int64))
+    return out
 
 
 def unpack(packed: dict[str, torch.Tensor]) -> JaggedBatch:
     """The packed tensors -> JaggedBatch of views (no copy)."""
     tok = packed["tokens"]
     return JaggedBatch(**{k: tok[i] for i, k in enumerate(TOKEN_FIELDS)}, offsets=packed["offsets"],
-                       domain=packed["per_seq"][0], user=packed["per_seq"][1])
+                       domain=packed["per_seq"][0], user=packed["per_seq"][1], seen=packed.get("seen"),
+                       seen_offsets=packed.get("seen_offsets"))
 
 
 def collate(samples: list[dict]) -> JaggedBatch:

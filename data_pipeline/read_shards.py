@@ -1,8 +1,13 @@
 """Shards -> split by node and by worker -> decode -> seeded shuffle -> per-split samples.
 
 Every epoch builds a fresh pipeline from (seed, epoch): the shard order is shuffled identically on every
-rank, then `split_by_node` and `split_by_worker` take disjoint slices of it, so across ranks x workers
-each shard is read exactly once per epoch (tests/test_loader.py checks the union).
+rank, then `_split_for_slot` gives each of the S = ranks x workers readers ("slots") its share, so across
+ranks x workers each *sample* is read exactly once per epoch, for any world size (tests/test_loader.py and
+tests/test_multirank.py check the union). Whole shards go round-robin while S divides what is left; the
+last (n mod S) shards are read by every slot, each keeping the samples whose index in the shard is its
+slot mod S. (Splitting shards alone drops or duplicates data when S does not divide the shard count:
+ML-1M's 13 shards on 8 ranks would leave 3 ranks one shard short, and lock-step training stopped them
+all at the shortest.) Cost: the remainder shards are read S times, once per slot (~10 ms per 4 MB).
 
 A sample here is one user's example for one split, already cut so that nothing beyond the split's
 boundary is visible (see `cut_for_split`): this is the one place that enforces "no validation or test
@@ -132,6 +137,9 @@ def _to_example(split: str, cold: np.ndarray, through_valid: bool):
             if cut is None:
                 continue
             s["history"], s["target"] = cut
+            if split != "train":  # every item before the target, uncut and cold ones included: the
+                n = s["seq"].shape[1]  # evaluator's exclude_history='full' rule never ranks these
+                s["seen"] = s["seq"][schema.ROW_ITEM, :n - 2 if split == "valid" else n - 1]
             del s["seq"]
             yield s
     return stage
@@ -143,6 +151,38 @@ def _seeded_shuffle(bufsize: int, seed: int, epoch: int):
         rank, _, worker, _ = wds.utils.pytorch_worker_info()
         rng = random.Random(f"{seed}/{epoch}/{rank}/{worker}")
         yield from wds.shuffle(bufsize, initial=bufsize, rng=rng)(src)
+    return stage
+
+
+def _split_for_slot(shared: dict):
+    """Shard dicts (the same order on every rank) -> this slot's shards. Fills `shared` (url -> (S, slot))
+    with the remainder shards, whose samples `_take_slot_samples` then splits."""
+    def stage(src):
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        slots, slot = world * workers, rank * workers + worker
+        shards = list(src)
+        whole = len(shards) - len(shards) % slots
+        for i, s in enumerate(shards):
+            if i >= whole:
+                shared[s["url"]] = (slots, slot)
+                yield s
+            elif i % slots == slot:
+                yield s
+    return stage
+
+
+def _take_slot_samples(shared: dict):
+    """Keep every sample of a whole shard, and sample j of a remainder shard when j % S == slot."""
+    def stage(src):
+        seen: dict[str, int] = {}
+        for sample in src:
+            url = sample["__url__"]
+            if url in shared:
+                j = seen[url] = seen.get(url, -1) + 1
+                slots, slot = shared[url]
+                if j % slots != slot:
+                    continue
+            yield sample
     return stage
 
 
@@ -168,10 +208,12 @@ def read_shards(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     shuffle = (split == "train") if shuffle is None else shuffle
     handler = _shard_handler(cfg.skip_bad_shards)
     checksums = {str(Path(shard_dir) / s["name"]): s["sha256"] for s in manifest["shards"]}
+    shared: dict = {}  # remainder shard url -> (slots, slot), filled by _split_for_slot in this worker
     stages = [wds.SimpleShardList(urls, seed=cfg.seed + epoch if shuffle else None),
-              wds.split_by_node, wds.split_by_worker, _open_verified(checksums, cfg.skip_bad_shards),
+              _split_for_slot(shared), _open_verified(checksums, cfg.skip_bad_shards),
               partial(tar_file_expander, handler=handler), partial(group_by_keys, handler=handler),
-              _decode(cfg.skip_bad_shards), _to_example(split, cold_items(manifest), cfg.train_through_valid)]
+              _take_slot_samples(shared), _decode(cfg.skip_bad_shards),
+              _to_example(split, cold_items(manifest), cfg.train_through_valid)]
     if shuffle and cfg.shuffle_buffer > 0:
         stages.append(_seeded_shuffle(cfg.shuffle_buffer, cfg.seed, epoch))
     return wds.DataPipeline(*stages)

@@ -5,8 +5,9 @@ One sample per user holds the WHOLE chronological sequence; the split is a rule 
 One shard set then serves all three splits, and no split can drift from another.
 
 Writing is atomic: everything goes into a hidden temp folder next to `out`, `manifest.json` is written
-last, and the folder is renamed into place at the end. An interrupted run leaves only `.<name>.tmp-*`,
-which the loader never mistakes for a shard set (it requires `manifest.json`).
+last, and the folder is swapped into place atomically at the end (`atomic_dir.swap_into_place`: with
+--overwrite the output folder names the old set, then the new one, and is never missing). An interrupted
+run leaves only `.<name>.tmp-*`, which the loader never mistakes for a shard set (it needs `manifest.json`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from configs.schema import ShardConfig
 from data_pipeline import schema
+from data_pipeline.atomic_dir import recover, swap_into_place
 from data_pipeline.schema import Dataset
 
 FORMAT_VERSION = 1
@@ -135,23 +137,13 @@ def _write_catalog(path: Path, enc: dict, ds: Dataset):
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
+    recover(out)  # a crash inside a previous fallback swap: put the old set back first
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
-
-
-def _commit(tmp: Path, out: Path):
-    """Swap the finished temp folder into place; the old set is removed only after the swap."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
@@ -172,7 +164,7 @@ def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
         counts["cold"] = _cold_counts(enc, spans, cold)
         manifest = _manifest(ds, enc, counts, per_domain, shards, cfg, cold)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
-        _commit(tmp, out)
+        swap_into_place(tmp, out)  # `out` is never missing, not even for a moment
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -28,19 +28,24 @@ class CodeTrie:
     children as sorted CSR (per-node offsets + sorted child codes) and test membership with searchsorted.
     """
 
-    def __init__(self, codes: torch.Tensor, level_sizes: Sequence[int]) -> None:
-        """codes (I+1, Lc) int64, row 0 = padding (ignored); level_sizes: Lc ints, codes[:, l] < level_sizes[l]."""
+    def __init__(self, codes: torch.Tensor, level_sizes: Sequence[int], items: torch.Tensor | None = None) -> None:
+        """codes (I+1, Lc) int64, row 0 = padding (ignored); level_sizes: Lc ints, codes[:, l] < level_sizes[l].
+        `items` (sorted ids in 1..I): only these items' tuples enter the trie (training uses the warm
+        items: a held-out item's branch must not be pushed down); None = every item. Item ids and
+        `num_items` (the catalogue size I) are the same either way."""
         if codes.dim() != 2 or codes.shape[1] != len(level_sizes):
             raise ValueError(f"codes must be (I+1, {len(level_sizes)}), got {tuple(codes.shape)}")
         if codes.shape[0] < 2:
             raise ValueError("codes has no items: row 0 is padding, items are rows 1..I")
         self.level_sizes = [int(k) for k in level_sizes]
-        real = codes[1:].long().cpu()  # (I, Lc)
+        self.catalog_size = codes.shape[0] - 1
+        ids = torch.arange(1, codes.shape[0]) if items is None else items.long().cpu()  # (N,)
+        real = codes.long().cpu()[ids]  # (N, Lc)
         sizes = torch.tensor(self.level_sizes)
         bad = (real < 0) | (real >= sizes)
         if bad.any():
             row, lvl = (int(x) for x in bad.nonzero()[0])
-            raise ValueError(f"item {row + 1} has code {int(real[row, lvl])} at level {lvl}, "
+            raise ValueError(f"item {int(ids[row])} has code {int(real[row, lvl])} at level {lvl}, "
                              f"outside [0, {self.level_sizes[lvl]})")
         self.child: list[torch.Tensor] = []
         prefix = torch.zeros(real.shape[0], dtype=torch.long)  # (I,) node id of each item's prefix, depth 0
@@ -56,7 +61,7 @@ class CodeTrie:
             raise ValueError(f"code tuples are not unique: {real.shape[0]} items share {num_nodes} tuples "
                              "(add a collision level)")
         self.leaf_item = torch.zeros(num_nodes, dtype=torch.long)  # (I,) leaf node -> item id
-        self.leaf_item[prefix] = torch.arange(1, real.shape[0] + 1)
+        self.leaf_item[prefix] = ids
         # bool copies of child >= 0 (+1/8 memory): the decode mask gathers (B*beam, K) rows per level, and
         # 1-byte rows instead of 8-byte ones cut that gather from ~25 ms to a few ms at B=256, beam 20, K 256
         self.has_child = [t >= 0 for t in self.child]
@@ -67,7 +72,8 @@ class CodeTrie:
 
     @property
     def num_items(self) -> int:
-        return self.leaf_item.numel()
+        """The catalogue size I (item ids are 1..I), also when the trie holds a subset of them."""
+        return self.catalog_size
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +82,7 @@ class CodeTrie:
     def to(self, device: torch.device | str) -> CodeTrie:
         """A copy whose tables live on `device` (decode runs where the states are)."""
         out = object.__new__(CodeTrie)
-        out.level_sizes = list(self.level_sizes)
+        out.level_sizes, out.catalog_size = list(self.level_sizes), self.catalog_size
         out.child = [t.to(device) for t in self.child]
         out.has_child = [t.to(device) for t in self.has_child]
         out.leaf_item = self.leaf_item.to(device)

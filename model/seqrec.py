@@ -38,7 +38,7 @@ class SeqRecModel(nn.Module):
         else:
             self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
             self.final_norm = nn.LayerNorm(cfg.dim, eps=1e-8)
-        self.gen_head, self._trie = None, None
+        self.gen_head, self._tries = None, {}  # item set key -> CodeTrie
         if cfg.generative_head:
             if self.embed.item.level_sizes is None:
                 raise ValueError("model.generative_head needs semantic-ID codes: run `python -m data_pipeline content`")
@@ -57,12 +57,15 @@ class SeqRecModel(nn.Module):
             x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len, *plan)
         return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
 
-    def code_trie(self) -> CodeTrie:
-        """Prefix trie of every item's semantic-ID tuple (built once, on the codes' device)."""
+    def code_trie(self, items: torch.Tensor | None = None) -> CodeTrie:
+        """Prefix trie of the semantic-ID tuples of `items` (sorted ids; None = every item), built once per
+        item set, on the codes' device. Training passes the warm items, decoding uses every item."""
         codes = self.embed.item.codes
-        if self._trie is None or self._trie.device != codes.device:
-            self._trie = CodeTrie(codes, self.embed.item.level_sizes).to(codes.device)
-        return self._trie
+        key = None if items is None else (items.numel(), int(items[0]), int(items[-1]), int(items.sum()))
+        trie = self._tries.get(key)
+        if trie is None or trie.device != codes.device:
+            trie = self._tries[key] = CodeTrie(codes, self.embed.item.level_sizes, items).to(codes.device)
+        return trie
 
 
 def build_model(cfg: ModelConfig, manifest: dict, max_len: int, feats: ItemFeatures | None = None) -> SeqRecModel:

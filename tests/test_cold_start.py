@@ -64,7 +64,7 @@ def test_evaluate_reports_cold_and_warm_slices():
                  domains=z, targets=z + t, domain=0, user=0) for t in (1, 2, 3, 4)]
     batch = collate(toks)
     model = FixedTableModel([0.9, 0.8, 0.7, 0.6])  # item 1 ranks 1st, 2 -> 2nd, ...
-    cfg = EvalConfig(ks=[1, 2], exclude_history=False)
+    cfg = EvalConfig(ks=[1, 2], exclude_history="none")
     out = evaluate(model, [(batch, True)], cfg, 4, ["d"], cold=torch.tensor([2, 4]))
     assert out["per_slice"]["warm"]["count"] == 2 and out["per_slice"]["cold"]["count"] == 2
     assert out["per_slice"]["warm"]["hr@1"] == 0.5  # targets 1 (rank 1) and 3 (rank 3)
@@ -102,7 +102,7 @@ def test_unrankable_items_are_never_ranked_and_count_as_misses():
     toks = [dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
                  domains=z, targets=z + t, domain=0, user=0) for t in (3, 2)]
     model = FixedTableModel([0.9, 0.8, 0.7, 0.6])  # items rank 1, 2, 3, 4 by id
-    cfg = EvalConfig(ks=[1, 2], exclude_history=False)
+    cfg = EvalConfig(ks=[1, 2], exclude_history="none")
     out = evaluate(model, [(collate(toks), True)], cfg, 4, ["d"], unrankable=torch.tensor([2]))
     # target 3 moves up from rank 3 to 2 (item 2 is not ranked); target 2 is a miss at every K
-    assert out["hr@2"] == 0.5 and out["hr@1"] == 0.0 and out["mrr"] == pytest.approx((1 / 2 + 1 / 5) / 2)
+    assert out["hr@2"] == 0.5 and out["hr@1"] == 0.0 and out["mrr"] == pytest.approx((1 / 2 + 0) / 2)  # a miss: MRR 0

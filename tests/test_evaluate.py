@@ -38,7 +38,7 @@ ANGLES = [25, 60, -60, 100, 10]
 
 def test_ranks_by_hand():
     model = FixedModel(ANGLES)
-    cfg = EvalConfig(exclude_history=False)
+    cfg = EvalConfig(exclude_history="none")
     batch = make_batch([[4], [4], [4], [4]], [2, 5, 4, 3])
     # target 2: above are 5, 1, and item 3 ties -> pessimistic rank 4; target 5: best -> 1;
     # target 4: worst of 5 -> 5; target 3: above 5, 1, tie with 2 -> 4
@@ -49,16 +49,17 @@ def test_history_exclusion():
     model = FixedModel(ANGLES)
     batch = make_batch([[5, 1], [5, 2]], [2, 2])  # second user re-consumes item 2: it stays rankable
     # user 0: 5 and 1 excluded, 3 ties -> 2; user 1: only 5 excluded, 1 above, 3 ties -> 3
-    assert ranks_for_batch(model, batch, EvalConfig(exclude_history=True), 5).tolist() == [2, 3]
-    assert ranks_for_batch(model, batch, EvalConfig(exclude_history=False), 5).tolist() == [4, 4]
+    assert ranks_for_batch(model, batch, EvalConfig(exclude_history="window"), 5).tolist() == [2, 3]
+    assert ranks_for_batch(model, batch, EvalConfig(exclude_history="none"), 5).tolist() == [4, 4]
 
 
 def test_chunking_does_not_change_ranks():
     model = FixedModel(ANGLES)
     batch = make_batch([[4], [1, 5], [3]], [2, 3, 5])
-    full = ranks_for_batch(model, batch, EvalConfig(), 5)
+    full = ranks_for_batch(model, batch, EvalConfig(exclude_history="window"), 5)
     for chunk in (1, 2, 3, 4):
-        assert ranks_for_batch(model, batch, EvalConfig(item_chunk=chunk), 5).tolist() == full.tolist()
+        cfg = EvalConfig(item_chunk=chunk, exclude_history="window")
+        assert ranks_for_batch(model, batch, cfg, 5).tolist() == full.tolist()
 
 
 def test_metric_values():
@@ -70,7 +71,7 @@ def test_metric_values():
 def test_evaluate_means_and_domains():
     model = FixedModel(ANGLES)
     batch = make_batch([[4], [4], [4]], [2, 5, 4], domains=[0, 1, 1])  # ranks 4, 1, 5
-    out = evaluate(model, [(batch, True), (batch, False)], EvalConfig(ks=[1, 10], exclude_history=False), 5,
+    out = evaluate(model, [(batch, True), (batch, False)], EvalConfig(ks=[1, 10], exclude_history="none"), 5,
                    ["a", "b"])
     assert out["count"] == 3  # the fake (lock-step) batch is not counted
     assert out["hr@1"] == pytest.approx(1 / 3) and out["mrr"] == pytest.approx((0.25 + 1 + 0.2) / 3)
@@ -83,4 +84,4 @@ def test_constant_scores_rank_last():
     """All items tie: pessimistic ties put the target behind every other item."""
     model = FixedModel([0, 0, 0, 0])
     batch = make_batch([[1]], [3])
-    assert ranks_for_batch(model, batch, EvalConfig(exclude_history=False), 4).tolist() == [4]
+    assert ranks_for_batch(model, batch, EvalConfig(exclude_history="none"), 4).tolist() == [4]

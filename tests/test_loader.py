@@ -25,17 +25,20 @@ def keys_seen(shard_dir, cfg, monkeypatch, rank, world, worker, workers, epoch=0
     return [(ex["url"], ex["key"]) for ex in read_shards(shard_dir, split, cfg, epoch)]
 
 
-@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
-def test_node_and_worker_split_reads_every_shard_once(shard_dir, monkeypatch, world, workers):
+@pytest.mark.parametrize("world,workers", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 1), (5, 1), (7, 2)])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_node_and_worker_split_reads_every_sample_once(shard_dir, monkeypatch, world, workers, split):
+    """6 shards over ranks x workers readers that do not divide 6 (4, 5, 14): every user exactly once."""
     m = load_manifest(shard_dir)
     all_urls = {str(shard_dir / s["name"]) for s in m["shards"]}
-    parts = [keys_seen(shard_dir, CFG, monkeypatch, r, world, w, workers)
+    parts = [keys_seen(shard_dir, CFG, monkeypatch, r, world, w, workers, split=split)
              for r in range(world) for w in range(workers)]
-    urls_per_part = [{u for u, _ in p} for p in parts]
-    assert set().union(*urls_per_part) == all_urls
-    assert sum(len(u) for u in urls_per_part) == len(all_urls)  # disjoint: no shard twice
+    assert set().union(*[{u for u, _ in p} for p in parts]) == all_urls
     keys = [k for p in parts for _, k in p]
-    assert len(keys) == len(set(keys)) == m["counts"]["users"]
+    expected = m["counts"]["users"] if split == "train" else m["counts"]["split"]["test_targets"]
+    assert len(keys) == len(set(keys)) == expected
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 2 * 4  # balanced: parts differ by at most about two shards' share
 
 
 def test_shuffle_is_seeded_per_epoch(shard_dir, monkeypatch):

@@ -3,20 +3,26 @@
 rank = 1 + #(items scoring above the target) + #(other items scoring exactly the target's score)
 (ties are pessimistic: a tie with the target ranks above it, so a constant model scores rank = I).
 HR@K = 1[rank <= K], NDCG@K = 1[rank <= K] / log2(rank + 1), MRR = 1 / rank, averaged over sequences,
-overall and per domain. With `exclude_history`, items in the sequence's input are never ranked (except
-the target itself, which can be a repeat: excluding it would count a correct repeat as a miss).
+overall and per domain. A miss (an unrankable or non-finite target, or one outside a generative beam)
+has rank MISS: HR = NDCG = MRR = 0 at every K (a rank of I + 1 would count as a hit at any K > I).
+`eval.exclude_history` says which of the user's earlier items are never ranked ('full': all of them,
+'window': those in the max_len-cut input; the target itself is never excluded, since it can be a repeat
+and excluding it would count a correct repeat as a miss).
 The catalogue is scored in chunks of `item_chunk`, so memory is (B x item_chunk) whatever the catalogue.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from configs.schema import EvalConfig
 from model.generative import beam_search
+
+MISS = torch.iinfo(torch.int64).max  # the rank of a target that was not ranked at all
 
 
 def metric_names(ks: list[int]) -> list[str]:
@@ -28,25 +34,52 @@ def rank_metrics(ranks: torch.Tensor, ks: list[int]) -> torch.Tensor:
     r = ranks.to(torch.float64)
     hr = [(r <= k).double() for k in ks]
     ndcg = [torch.where(r <= k, 1.0 / torch.log2(r + 1.0), 0.0) for k in ks]
-    return torch.stack(hr + ndcg + [1.0 / r], dim=1)
+    mrr = torch.where(ranks == MISS, 0.0, 1.0 / r)
+    return torch.stack(hr + ndcg + [mrr], dim=1)
 
 
-def _history_mask(batch, ids_lo: int, ids_hi: int, targets: torch.Tensor) -> torch.Tensor:
-    """(B, ids_hi - ids_lo) True where the item is in the sequence's input and is not its target."""
+HISTORY_RULES = ("full", "window", "none")
+
+
+@dataclass
+class BatchRanks:
+    """Pessimistic 1-based ranks of each sequence's target; MISS where it was not ranked."""
+
+    ranks: torch.Tensor  # (B,) among every rankable item
+    nonfinite: torch.Tensor  # (B,) bool: the state or the target's score is NaN/inf (counted as a miss)
+    warm: torch.Tensor | None = None  # (B,) among the warm items only (cold ones not candidates), given `cold`
+
+
+def _history_mask(batch, ids_lo: int, ids_hi: int, targets: torch.Tensor, rule: str) -> torch.Tensor:
+    """(B, ids_hi - ids_lo) True where the item is in the user's history (per `rule`) and is not the target.
+    'window': the input tokens (cut to max_len); 'full': batch.seen, every item before the target."""
+    if rule not in HISTORY_RULES:
+        raise ValueError(f"eval.exclude_history must be one of {HISTORY_RULES}, got {rule!r}")
     B = batch.num_sequences
-    seq = torch.repeat_interleave(torch.arange(B, device=batch.offsets.device), batch.lengths)
-    items = batch.item_ids
+    mask = torch.zeros(B, ids_hi - ids_lo, dtype=torch.bool, device=batch.offsets.device)
+    if rule == "none":
+        return mask
+    if rule == "full":
+        if batch.seen is None:
+            raise ValueError("eval.exclude_history='full' needs batch.seen (the full history): batches of the "
+                             "valid/test splits from data_pipeline.collate.make_loader carry it")
+        items, offsets = batch.seen, batch.seen_offsets
+    else:
+        items, offsets = batch.item_ids, batch.offsets
+    seq = torch.repeat_interleave(torch.arange(B, device=offsets.device), offsets[1:] - offsets[:-1])
     keep = (items >= ids_lo) & (items < ids_hi) & (items != targets[seq])
-    mask = torch.zeros(B, ids_hi - ids_lo, dtype=torch.bool, device=items.device)
     mask[seq[keep], items[keep] - ids_lo] = True
     return mask
 
 
-def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int,
-                    unrankable: torch.Tensor | None = None) -> torch.Tensor:
-    """Pessimistic 1-based rank of each sequence's target among items 1..num_items. (B,)
+def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch.Tensor | None = None,
+                cold: torch.Tensor | None = None) -> BatchRanks:
+    """Full-ranking ranks of each sequence's target among items 1..num_items.
     `unrankable` (sorted ids): items the model has no representation for (an ID-only model's never-trained
-    items): never ranked, and a target among them is a miss (rank num_items + 1)."""
+    items): never ranked, and a target among them is a miss. `cold` (sorted ids): also rank every target
+    among the warm items only (BatchRanks.warm), so models that can and cannot rank cold items compare on
+    one candidate set. Non-finite scores never help: a NaN state or target score is a miss, and a NaN
+    candidate score counts as beating the target (NaN compares False, so it would otherwise rank first)."""
     states = model(batch)  # (L, D)
     last = batch.offsets[1:] - 1
     q, targets = states[last].float(), batch.targets[last]  # (B, D), (B,)
@@ -62,36 +95,59 @@ def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int,
         s = cache if cache is not None else scores(lo, hi)
         inside = (targets >= lo) & (targets < hi)
         t_score[inside] = s[inside, targets[inside] - lo]
-    above = torch.zeros_like(targets)
+    above, above_cold = torch.zeros_like(targets), torch.zeros_like(targets)
     for lo, hi in chunks:
         s = cache if cache is not None else scores(lo, hi)
-        excluded = torch.zeros_like(s, dtype=torch.bool)
+        excluded = _history_mask(batch, lo, hi, targets, cfg.exclude_history)
         if lo == 0:
             excluded[:, 0] = True  # padding id
-        if cfg.exclude_history:
-            excluded |= _history_mask(batch, lo, hi, targets)
         ids = torch.arange(lo, hi, device=q.device)
         if unrankable is not None:
             excluded |= torch.isin(ids, unrankable)[None, :]
-        beats = (s > t_score[:, None]) | ((s == t_score[:, None]) & (ids[None, :] != targets[:, None]))
-        above += (beats & ~excluded).sum(1)
-    if unrankable is not None:
-        return torch.where(torch.isin(targets, unrankable), num_items + 1, above + 1)
-    return above + 1
+        beats = (s > t_score[:, None]) | ((s == t_score[:, None]) & (ids[None, :] != targets[:, None])) | s.isnan()
+        beats &= ~excluded
+        above += beats.sum(1)
+        if cold is not None:
+            above_cold += (beats & torch.isin(ids, cold)[None, :]).sum(1)
+    nonfinite = ~torch.isfinite(q).all(1) | ~torch.isfinite(t_score)
+    miss = nonfinite if unrankable is None else nonfinite | torch.isin(targets, unrankable)
+    ranks = torch.where(miss, MISS, above + 1)
+    warm = None
+    if cold is not None:  # a cold target has no rank among warm items: a miss in that column
+        warm = torch.where(miss | torch.isin(targets, cold), MISS, above - above_cold + 1)
+    return BatchRanks(ranks, nonfinite, warm)
 
 
-def generative_ranks(model, batch, cfg: EvalConfig, num_items: int) -> torch.Tensor:
-    """Rank of each sequence's target in the generative head's trie-constrained beam (B,): its 1-based
-    position among the top max(cfg.ks) decoded items, or num_items + 1 (a miss at every K) when absent.
+def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int,
+                    unrankable: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) ranks of `score_batch` (see there)."""
+    return score_batch(model, batch, cfg, num_items, unrankable).ranks
+
+
+def generative_ranks(model, batch, cfg: EvalConfig, num_items: int, cold: torch.Tensor | None = None) -> BatchRanks:
+    """Rank of each sequence's target in the generative head's trie-constrained beam: its 1-based
+    position among the top max(cfg.ks) decoded items, or MISS when absent.
+    The trie holds every item the index serves (cold ones included). With `cold`, a second decode with
+    the cold items excluded gives the rank among warm items (BatchRanks.warm).
     cfg.ks must not exceed cfg.beam: a beam of width W cannot say where an item below W would rank."""
     states = model(batch)  # (L, D)
     last = batch.offsets[1:] - 1
     q, targets = states[last], batch.targets[last]  # (B, D) in the head's dtype (bf16 under a bf16 engine)
-    exclude = _history_mask(batch, 0, num_items + 1, targets) if cfg.exclude_history else None
-    items, _ = beam_search(model.gen_head, model.code_trie(), q, cfg.beam, max(cfg.ks), exclude)  # (B, K)
-    hit = items == targets[:, None]
-    first = hit.float().argmax(1) + 1  # 1-based position of the target (items are distinct per row)
-    return torch.where(hit.any(1), first, torch.full_like(first, num_items + 1))
+    nonfinite = ~torch.isfinite(q.float()).all(1)
+    exclude = _history_mask(batch, 0, num_items + 1, targets, cfg.exclude_history)
+
+    def decode(excl):
+        items, _ = beam_search(model.gen_head, model.code_trie(), q, cfg.beam, max(cfg.ks), excl)  # (B, K)
+        hit = items == targets[:, None]
+        first = hit.float().argmax(1) + 1  # 1-based position of the target (items are distinct per row)
+        return torch.where(hit.any(1) & ~nonfinite, first, torch.full_like(first, MISS))
+
+    warm = None
+    if cold is not None:
+        no_cold = exclude.clone()
+        no_cold[:, cold] = True
+        warm = torch.where(torch.isin(targets, cold), MISS, decode(no_cold))
+    return BatchRanks(decode(exclude), nonfinite, warm)
 
 
 @torch.no_grad()
@@ -100,29 +156,44 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
              cold: torch.Tensor | None = None, ranker: Callable | None = None,
              unrankable: torch.Tensor | None = None) -> dict:
     """Mean metrics over all sequences, per domain, and (when `cold`, sorted item ids held out of
-    training, is non-empty) per slice: targets that are cold items vs warm ones. `batches` yields
+    training, is non-empty) per slice: targets that are cold items, warm ones, and warm ones ranked among
+    the warm items only ('warm_among_warm': the same candidate set for every model). `batches` yields
     (batch, is_real): fake batches keep ranks in lock-step (ZeRO-3 forwards are collective) and are not
-    counted. `all_reduce` sums a tensor over ranks. `ranker(model, batch) -> ranks (B,)` replaces the
-    dot-product full ranking (e.g. the generative head's beam search); `unrankable`: see ranks_for_batch."""
+    counted. `all_reduce` sums a tensor over ranks. `ranker(model, batch, cold) -> BatchRanks` replaces
+    the dot-product full ranking (e.g. the generative head's beam search); `unrankable`: see score_batch.
+    `nonfinite_states` counts sequences whose state or target score was NaN/inf (each one a miss)."""
     names = metric_names(cfg.ks)
-    sums = torch.zeros(len(domains) + 2, len(names) + 1, dtype=torch.float64)  # domains, warm, cold: + count
+    cold = cold if cold is not None and len(cold) else None
+    D = len(domains)
+    sums = torch.zeros(D + 3, len(names) + 1, dtype=torch.float64)  # domains, warm, cold, warm-among-warm
+    nonfinite = torch.zeros(1, dtype=torch.float64)
     was_training = model.training
     model.eval()
     for batch, is_real in batches:
-        ranks = ranker(model, batch) if ranker else ranks_for_batch(model, batch, cfg, num_items, unrankable)
+        r = ranker(model, batch, cold) if ranker else score_batch(model, batch, cfg, num_items, unrankable, cold)
         if not is_real:
             continue
-        vals = torch.cat([rank_metrics(ranks, cfg.ks), torch.ones(len(ranks), 1, dtype=torch.float64)], 1).cpu()
+        vals = _with_count(rank_metrics(r.ranks, cfg.ks))
         sums.index_add_(0, batch.domain.cpu(), vals)
-        target = batch.targets[batch.offsets[1:] - 1]  # on the batch's device, like `cold`
-        is_cold = torch.isin(target, cold) if cold is not None else torch.zeros_like(target, dtype=torch.bool)
-        sums.index_add_(0, len(domains) + is_cold.long().cpu(), vals)
+        nonfinite += r.nonfinite.sum().item()
+        if cold is not None:
+            is_cold = torch.isin(batch.targets[batch.offsets[1:] - 1], cold).cpu()
+            sums.index_add_(0, D + is_cold.long(), vals)
+            sums[D + 2] += _with_count(rank_metrics(r.warm, cfg.ks))[~is_cold].sum(0)
     model.train(was_training)
-    sums = all_reduce(sums)
-    out = summarize(sums[:len(domains)], names, domains)
-    if cold is not None and len(cold):
-        out["per_slice"] = {name: _means(sums[len(domains) + i], names) for i, name in enumerate(("warm", "cold"))}
+    sums, nonfinite = all_reduce(sums), all_reduce(nonfinite)
+    out = summarize(sums[:D], names, domains)
+    out["nonfinite_states"] = int(nonfinite.item())
+    out["exclude_history"] = cfg.exclude_history
+    if cold is not None:
+        out["per_slice"] = {name: _means(sums[D + i], names)
+                            for i, name in enumerate(("warm", "cold", "warm_among_warm"))}
     return out
+
+
+def _with_count(metrics: torch.Tensor) -> torch.Tensor:
+    """(B, M) metric values -> (B, M+1) on the CPU, the last column 1 (the sequence count)."""
+    return torch.cat([metrics, torch.ones(len(metrics), 1, dtype=torch.float64, device=metrics.device)], 1).cpu()
 
 
 def _means(row: torch.Tensor, names: list[str]) -> dict:
