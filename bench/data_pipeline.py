@@ -10,9 +10,7 @@ a pure in-memory iterator, i.e. the data path will not be what a training step w
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import random
 import sys
 import tempfile
@@ -22,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import git_sha  # noqa: E402
+from bench.record import header, loadavg, metadata  # noqa: E402
 from configs.schema import LoaderConfig, ShardConfig  # noqa: E402
 from data_pipeline.collate import collate, example_to_tokens, make_loader  # noqa: E402
 from data_pipeline.read_shards import load_manifest, read_shards  # noqa: E402
@@ -79,7 +77,7 @@ def main(argv=None):
     shards = Path(args.shards) if args.shards else prepare(args.raw, args.dataset)
     cfg = LoaderConfig(batch_size=args.batch_size, max_len=args.max_len, num_workers=args.workers)
     manifest = load_manifest(shards)
-    rows = {}
+    rows, load_before = {}, loadavg()
     for name, fn in (("shard loader", time_loader), ("in-memory list", time_in_memory)):
         secs, batches, tokens = fn(shards, cfg, args.epochs)
         rows[name] = dict(seconds=round(secs, 3), batches=batches, tokens=tokens,
@@ -88,8 +86,7 @@ def main(argv=None):
               f"{tokens / secs:,.0f} tokens/s")
     ratio = rows["shard loader"]["batches_per_s"] / rows["in-memory list"]["batches_per_s"]
     cmd = " ".join(["python bench/data_pipeline.py", *sys.argv[1:]])
-    result = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {_cpus()} CPUs",
-                  git_sha=git_sha(), command=cmd, dataset=manifest["dataset"],
+    result = dict(**metadata(cmd, load_before=load_before), dataset=manifest["dataset"],
                   content_hash=manifest["content_hash"], config=cfg.__dict__, epochs=args.epochs,
                   results=rows, ratio_loader_over_memory=round(ratio, 3))
     print(f"ratio (loader / in-memory) = {ratio:.2f}")
@@ -99,17 +96,11 @@ def main(argv=None):
     (out / "data_pipeline.md").write_text(markdown(result))
 
 
-def _cpus() -> int:
-    import os
-    return len(os.sched_getaffinity(0))
-
-
 def markdown(r: dict) -> str:
-    lines = [f"# Loader throughput ({r['dataset']})", "",
-             f"{r['date']}, {r['machine']}, git {r['git_sha']}, `{r['command']}`", "",
-             f"batch {r['config']['batch_size']}, max_len {r['config']['max_len']}, "
-             f"{r['config']['num_workers']} workers, {r['epochs']} epochs of the train split", "",
-             "| method | batches/s | tokens/s | seconds |", "|---|---|---|---|"]
+    lines = header(f"Loader throughput ({r['dataset']})", r) + [
+        f"batch {r['config']['batch_size']}, max_len {r['config']['max_len']}, "
+        f"{r['config']['num_workers']} workers, {r['epochs']} epochs of the train split", "",
+        "| method | batches/s | tokens/s | seconds |", "|---|---|---|---|"]
     for name, row in r["results"].items():
         lines.append(f"| {name} | {row['batches_per_s']} | {row['tokens_per_s']:,} | {row['seconds']} |")
     lines += ["", f"Ratio shard loader / in-memory: **{r['ratio_loader_over_memory']}**", ""]
