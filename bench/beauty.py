@@ -1,38 +1,35 @@
-"""Amazon Beauty with content tokens: ID-only vs semantic-ID vs content item representations, the
-generative (semantic-ID beam search) head, and a cold-start slice, all on one split.
+"""Amazon reviews (Beauty, Sports, ... any `amazon-<category>` the reader knows) with content tokens:
+ID-only vs semantic-ID vs content item representations, the generative (semantic-ID beam search) head,
+and a cold-start slice, all on one split.
 
-    python bench/beauty.py ../shared/data/amazon-beauty                 # every row, 1 seed
-    python bench/beauty.py ../shared/data/amazon-beauty --rows id,id+sid+content --seeds 3
+    python bench/beauty.py amazon-beauty ../shared/data/amazon-beauty             # every row, 1 seed
+    python bench/beauty.py amazon-sports ../shared/data/amazon-sports --rows "hstu id,hstu id+sid+content"
+    python bench/beauty.py amazon-beauty ../shared/data/amazon-beauty --no-train  # tabulate finished runs
 
 Steps (each skipped when its output exists, so the command resumes run by run):
-1. shards: the P5/TIGER leave-one-out split with 5% of the items held out of training
-   (configs/data/amazon-beauty-cold.yaml);
+1. shards (shards/<dataset>-cold): the P5/TIGER leave-one-out split with a share of the items held out
+   of training (--cold-frac, default 5%);
 2. content: item text (title, brand, category path, price) -> all-MiniLM-L6-v2 -> RQ-VAE semantic IDs
-   fitted on the warm items; cold items get codes from the saved codebook (configs/content/beauty.yaml);
-3. one `python -m train pretrain` per (row, seed), validation-selected, tested once.
-Results: bench/results/beauty.{md,json}, rewritten after every run.
+   fitted on the warm items; cold items get codes from the saved codebook (configs/content/beauty.yaml,
+   the recipe for every category);
+3. one `python -m train pretrain` per (row, seed) under runs/bench_<dataset>/, tested once.
+Results: bench/results/<dataset>.{md,json}, rewritten after every run; published references are shown
+only for the dataset they were published on.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import git_sha  # noqa: E402
-from bench.seqrec import ROOT, ensure_shards, run_one  # noqa: E402
-from configs.load import load_config  # noqa: E402
-from configs.schema import ContentStageConfig  # noqa: E402
-from data_pipeline import content_stage  # noqa: E402
-from data_pipeline.read_shards import load_manifest  # noqa: E402
+from bench import seqrec as S  # noqa: E402
+from bench.record import header, metadata  # noqa: E402
 
 HSTU = "configs/pretrain/beauty_hstu.yaml"
+CONTENT = "configs/content/beauty.yaml"
 ROWS = {  # row name -> (config, overrides)
     "hstu id": (HSTU, ["model.item_repr=id"]),
     "hstu sid": (HSTU, ["model.item_repr=sid"]),
@@ -42,112 +39,215 @@ ROWS = {  # row name -> (config, overrides)
     "sasrec id": ("configs/pretrain/beauty_sasrec.yaml", ["model.item_repr=id"]),
 }
 DEFAULT_ROWS = "hstu id,hstu sid,hstu id+sid,hstu id+sid+content,hstu id+sid+content +gen"
-COLS = ("hr@5", "ndcg@5", "hr@10", "ndcg@10")
-REFERENCE = [("TIGER paper", .0454, .0321, .0648, .0384), ("SASRec, CE loss (RecBole, LETTER #20)", .0543, None,
-                                                           .0821, .0405)]
-NOTES = [
-    "Split: P5/TIGER leave-one-out on the 5-core data, but 5% of the items (605) are held out of training "
-    "entirely: their events are removed from every input, 1,010 validation targets on them are dropped, and "
-    "their 1,027 test targets (4.6% of the test users) stay in. The overall columns therefore include targets "
-    "an ID-only model cannot rank (a handicap the published rows do not have); the warm columns exclude them.",
-    "Full ranking over all 12,101 items, history excluded, test once at the best validation NDCG@10 epoch. "
-    "The generative row decodes the next item's semantic-ID tuple by trie-constrained beam search (beam 50): "
-    "a target outside the beam counts as a miss.",
-    "Published rows use their own model selection (TIGER: none reported; RecBole: validation).",
-    "Cold items are never trained: negatives are drawn from warm items only, and the ID-only row does not "
-    "rank them at all (it has nothing but an untrained random row for them), so its cold recall is 0 by "
-    "construction. The protocol matters for ID-only validation HR@10 at epoch 21: .1089 when cold items were "
-    "sampled as negatives (pushed down: a leak of the split), .0979 with warm-only negatives but cold items "
-    "ranked with their random rows, .1087 with them not ranked (as tabulated; best .1117 at epoch 35).",
-    "Session record (2026-11-22): rows ran two at a time, one thread each, on the 2 cores (train s are "
-    "from that setting). The semantic-ID rows peak early (best validation epoch 9-10, stopped at ~20) while "
-    "ID-only improves to epoch 35: code and content embeddings are shared across items and fit the "
-    "training sequences faster, and the warm metrics pay for it; their cold recall is what ID-only cannot "
-    "have. The generative head ranks warm items a little better than the dot product of the same run "
-    "(R@10 .0771 vs .0714 on warm targets) but never emits a cold item: it was trained only on warm items' "
-    "code tuples (TIGER needed an explicit unseen-item quota for the same reason).",
-]
+# Published numbers, (source, R@5, N@5, R@10, N@10), each only for the dataset it was measured on.
+REFERENCES = {
+    "amazon-beauty": [("TIGER paper", .0454, .0321, .0648, .0384),
+                      ("SASRec, CE loss (RecBole, LETTER #20)", .0543, None, .0821, .0405)],
+    "amazon-sports": [("TIGER paper", None, None, .0400, .0225)],
+}
+REFERENCE_SELECTION = {"TIGER": "TIGER: no model selection reported", "SASRec": "RecBole: validation"}
+AT = ("hr@5", "ndcg@5", "hr@10", "ndcg@10")
+AT10 = ("hr@10", "ndcg@10")
 
 
-def _prepare(data_dir: str, shards: Path) -> dict:
-    ensure_shards("amazon-beauty", data_dir, shards, ["shards.samples_per_shard=2000", "shards.cold_item_frac=0.05"])
+def run_name(row: str, seed: int) -> str:
+    return f"{row.replace(' ', '_').replace('+', 'p')}_s{seed}"
+
+
+def _prepare(dataset: str, data_dir: str, shards: Path, cold_frac: float) -> dict:
+    from data_pipeline.read_shards import load_manifest
+    S.ensure_shards(dataset, data_dir, shards, ["shards.samples_per_shard=2000",
+                                                f"shards.cold_item_frac={cold_frac}"])
     if load_manifest(shards).get("semantic_ids") is None:
-        cfg = load_config(ContentStageConfig, ROOT / "configs/content/beauty.yaml", [f"shards={shards}"])
+        from configs.load import load_config
+        from configs.schema import ContentStageConfig
+        from data_pipeline import content_stage
+        cfg = load_config(ContentStageConfig, S.ROOT / CONTENT, [f"shards={shards}"])
         content_stage.run(cfg)
     return load_manifest(shards)
 
 
-def _mean_sd(vals: list[float]) -> str:
-    return f"{statistics.fmean(vals):.4f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.4f}"
+def _cell(vals: list[float | None]) -> str:
+    ms = S.mean_sd(vals)
+    return "n/a" if ms is None else f"{ms['mean']:.4f} ± {ms['sd']:.4f}"
 
 
-def _row_cells(ms: list[dict], key: str) -> list[str]:
-    """Overall @5/@10 + warm and cold @10 for the runs' `key` metrics ('test' or 'test_generative')."""
-    cells = [_mean_sd([m[key][c] for m in ms]) for c in COLS]
-    for part in ("warm", "cold"):
-        cells += [_mean_sd([m[key]["per_slice"][part][c] for m in ms]) for c in ("hr@10", "ndcg@10")]
+def _slice(m: dict, part: str) -> dict | None:
+    return (m.get("per_slice") or {}).get(part)
+
+
+def ranks_cold(m: dict) -> bool:
+    """Can the run's dot-product head rank cold items? An ID-only model has no trained row for them, so
+    evaluation leaves them out of its candidates (train/pretrain.py): its all-items columns would rank a
+    different catalogue."""
+    cfg_path = Path(m.get("run_dir", "")) / "config.json"
+    if not cfg_path.exists():
+        return True
+    return json.loads(cfg_path.read_text()).get("model", {}).get("item_repr", "id") != "id"
+
+
+def row_cells(ms: list[dict], key: str, all_items: bool = True) -> list[str]:
+    """Warm-among-warm @5/@10 (every row: the same candidate set), all-items @5/@10 (rows that rank cold
+    items; '-' otherwise) and cold @10, for the runs' `key` metrics ('test' or 'test_generative')."""
+    recs = [m[key] for m in ms]
+    cells = [_cell([(_slice(r, "warm_among_warm") or {}).get(c) for r in recs]) for c in AT]
+    cells += [_cell([r.get(c) for r in recs]) if all_items else "-" for c in AT]
+    cells += [_cell([(_slice(r, "cold") or {}).get(c) for r in recs]) if all_items else "not ranked" for c in AT10]
     return cells
 
 
-def write_results(runs: dict[str, list[dict]], manifest: dict, command: str) -> None:
-    out = ROOT / "bench" / "results"
-    sid = manifest["semantic_ids"]
-    meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
-                git_sha=git_sha(), command=command)
-    (out / "beauty.json").write_text(json.dumps(dict(**meta, semantic_ids=sid, runs=runs, reference=REFERENCE,
-                                                     notes=NOTES), indent=2) + "\n")
-    lines = ["# Amazon Beauty: item representations, generative head, cold start", "",
-             f"{meta['date']}, {meta['machine']}, git {meta['git_sha']}", "", f"`{command}`", "",
-             "| row | seeds | R@5 | N@5 | R@10 | N@10 | warm R@10 | warm N@10 | cold R@10 | cold N@10 | best epochs "
-             "| train s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _beam(ms: list[dict]) -> int | None:
+    p = Path(ms[0].get("run_dir", "")) / "config.json"
+    return json.loads(p.read_text()).get("eval", {}).get("beam") if p.exists() else None
+
+
+def notes(dataset: str, runs: dict[str, list[dict]], manifest: dict) -> list[str]:
+    """Notes computed from the manifest and the runs (no number typed in)."""
+    done = [m for ms in runs.values() for m in ms]
+    num_items = manifest["vocab"]["num_items"]
+    cold = len(manifest["split_rule"].get("cold_items", []))
+    out = [f"Split: P5/TIGER leave-one-out on the 5-core data of {dataset}, with {cold:,} of the {num_items:,} "
+           f"items ({cold / num_items:.1%}) held out of training entirely: their events are removed from every "
+           "input, a validation example whose target is cold is dropped, and test targets on them stay in (the "
+           "cold slice). Cold items are never trained: negatives are drawn from warm items only."]
+    if done:
+        t = done[0]["test"]
+        ps = t.get("per_slice") or {}
+        n_cold, n_valid = (ps.get("cold") or {}).get("count"), (done[0].get("valid") or {}).get("count")
+        if n_cold is not None and t.get("count"):
+            out.append(f"Test targets: {t['count']:,} ({n_cold:,} cold, {n_cold / t['count']:.1%}); validation "
+                       f"targets used for selection: " + (f"{n_valid:,}." if n_valid is not None else "n/a."))
+    out += ["Columns: 'warm among warm' = warm test targets ranked among the warm items only (cold items "
+            "removed from the candidates), the same candidate set for every row, so these columns compare "
+            f"across rows; 'all items' = every test target ranked among all {num_items:,} items (a cold target "
+            "is a miss for a row that cannot rank cold items); 'cold' = cold targets among all items. An "
+            "ID-only row has nothing but an untrained random row for a cold item, so it does not rank them: "
+            "its all-items and cold columns are left out ('-', 'not ranked'). 'n/a' = the run's metrics.json "
+            "lacks that slice (a run from before it was recorded)."]
+    out += S.protocol_notes(done)
     for name, ms in runs.items():
-        if not ms:
+        gen = [m for m in ms if m.get("test_generative")]
+        if not gen:
             continue
-        tail = f"{[m['best_epoch'] for m in ms]} | {round(statistics.fmean(m['train_seconds_this_run'] for m in ms))}"
-        lines.append(f"| {name} | {len(ms)} | {' | '.join(_row_cells(ms, 'test'))} | {tail} |")
-        if ms[0].get("test_generative"):
-            lines.append(f"| {name}: generative head (beam) | {len(ms)} | "
-                         f"{' | '.join(_row_cells(ms, 'test_generative'))} | {tail} |")
-    pop = next((ms[0]["test_popularity"] for ms in runs.values() if ms), None)
+        beam = _beam(gen)
+        line = (f"{name}: the generative head decodes the next item's semantic-ID tuple by trie-constrained beam "
+                f"search (beam {beam if beam is not None else 'n/a'}); a target outside the beam is a miss. ")
+        waw = lambda key: S.mean_sd([(_slice(m[key], "warm_among_warm") or {}).get("hr@10") for m in gen])  # noqa: E731
+        cold_g = S.mean_sd([(_slice(m["test_generative"], "cold") or {}).get("hr@10") for m in gen])
+        show = lambda ms: "n/a" if ms is None else f"{ms['mean']:.4f}"  # noqa: E731
+        out.append(line + f"Warm-among-warm R@10: {show(waw('test_generative'))} (beam) vs {show(waw('test'))} "
+                   f"(dot product of the same run); cold R@10 of the beam: {show(cold_g)}.")
+    used = [name for name, ms in runs.items() if ms]
+    out += [S.recipe_note(", ".join(n for n in used if ROWS[n][0] == recipe), recipe)
+            for recipe in dict.fromkeys(ROWS[n][0] for n in used)]
+    out += ["Row overrides: " + "; ".join(f"{n}: {', '.join(ROWS[n][1])}" for n in used) + "."] if used else []
+    row_keys = {name: {o.split("=", 1)[0] for o in ROWS[name][1]} for name in runs}
+    extra = {name: sorted({c for m in ms for c in m.get("changes", []) if c.split("=", 1)[0] not in row_keys[name]})
+             for name, ms in runs.items()}
+    out += [f"{name}: also {', '.join(ch)} (--set)." for name, ch in extra.items() if ch]
+    if REFERENCES.get(dataset):
+        sources = {r[0].split(",")[0].split(" ")[0] for r in REFERENCES[dataset]}
+        out.append("Published rows use their own protocol (no cold hold-out; "
+                   + "; ".join(v for k, v in REFERENCE_SELECTION.items() if k in sources) + ").")
+    return out
+
+
+def write_results(dataset: str, runs: dict[str, list[dict]], manifest: dict, command: str,
+                  out: Path | None = None) -> Path:
+    out = Path(out) if out else S.ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    sid = manifest.get("semantic_ids")
+    reference = REFERENCES.get(dataset, [])
+    meta = metadata(command)
+    table_notes = notes(dataset, runs, manifest)
+    rows = []
+    for name, ms in runs.items():
+        for label, key, gs in S.group_runs(name, ms):
+            secs = S.mean_sd([m.get("train_seconds") for m in gs])
+            tail = (f"{[m['best_epoch'] for m in gs]} | {round(secs['mean']) if secs else 'n/a'} | {S.load_cell(gs)} | "
+                    f"{', '.join(sorted({m.get('train_sha', 'unknown') for m in gs}))}")
+            head = f"{len(gs)} | {key[0]} | {key[1]}"
+            can = all(ranks_cold(m) for m in gs)
+            rows.append(f"| {label} | {head} | {' | '.join(row_cells(gs, 'test', can))} | {tail} |")
+            if all(m.get("test_generative") for m in gs):
+                rows.append(f"| {label}: generative head (beam) | {head} | "
+                            f"{' | '.join(row_cells(gs, 'test_generative'))} | {tail} |")
+    summary = {label: dict(model=name, flags=list(key[2]), runs=[m["run"] for m in gs])
+               for name, ms in runs.items() for label, key, gs in S.group_runs(name, ms)}
+    table_notes += S.flag_notes({k: dict(v, seeds=len(v["runs"])) for k, v in summary.items()})
+    (out / f"{dataset}.json").write_text(json.dumps(dict(**meta, dataset=dataset, semantic_ids=sid, runs=runs,
+                                                         rows=summary, reference=reference, notes=table_notes),
+                                                    indent=2) + "\n")
+    lines = header(f"{dataset}: item representations, generative head, cold start", meta) + [
+        "Test metrics at the epoch named in 'test at', full ranking, history excluded by the rule in 'excl.'; "
+        "mean ± sd over seeds; train s = training seconds per run summed over epochs (validation and test "
+        "excluded, as in every results table); load = mean 1-min load average while the runs trained "
+        "('shared': above the runs' own threads); train sha = the commit each run trained at.", "",
+        "| row | seeds | test at | excl. | warm among warm R@5 | N@5 | R@10 | N@10 | all items R@5 | N@5 | R@10 "
+        "| N@10 | cold R@10 | cold N@10 | best epochs | train s | load | train sha |",
+        "|" + "---|" * 18]
+    lines += rows
+    pop = next((ms[0]["test_popularity"] for ms in runs.values() if ms and ms[0].get("test_popularity")), None)
     if pop:
-        lines.append(f"| popularity | - | {' | '.join(_row_cells([dict(test=pop)], 'test'))} | - | - |")
-    lines += ["", "Published (their protocol, no cold hold-out):", "", "| source | R@5 | N@5 | R@10 | N@10 |",
-              "|---|---|---|---|---|"]
-    lines += [f"| {r[0]} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in r[1:]) + " |" for r in REFERENCE]
-    st = sid["stats"]
-    lines += ["", f"Semantic IDs: {sid['method']}, level sizes {sid['level_sizes']} (last = collision level), "
-              f"fitted on {st['fitted_on_items']:,} warm items, {st['assigned_after_fit']:,} cold items assigned "
-              f"with the saved codebook. Codebook usage per level {[round(u, 3) for u in st['usage']]}, "
-              f"collision rate {st['collision_rate']:.4f} (items sharing a 3-code tuple), max group "
-              f"{st['max_group']}, relative reconstruction error {st['recon_rel_error']}.", ""]
-    lines += [f"- {n}" for n in NOTES] + [""]
-    (out / "beauty.md").write_text("\n".join(lines))
+        lines.append(f"| popularity | - | - | {pop.get('exclude_history', '-')} | "
+                     f"{' | '.join(row_cells([dict(test=pop)], 'test'))} | - | - | - | - |")
+    if reference:
+        lines += ["", "Published (their protocol, no cold hold-out; all items = their whole catalogue):", "",
+                  "| source | R@5 | N@5 | R@10 | N@10 |", "|---|---|---|---|---|"]
+        lines += [f"| {r[0]} | " + " | ".join("-" if v is None else f"{v:.4f}" for v in r[1:]) + " |"
+                  for r in reference]
+    if sid:
+        st = sid["stats"]
+        lines += ["", f"Semantic IDs: {sid['method']}, level sizes {sid['level_sizes']} (last = collision level), "
+                  f"fitted on {st['fitted_on_items']:,} warm items, {st['assigned_after_fit']:,} cold items assigned "
+                  f"with the saved codebook. Codebook usage per level {[round(u, 3) for u in st['usage']]}, "
+                  f"collision rate {st['collision_rate']:.4f} (items sharing a "
+                  f"{len(sid['level_sizes']) - 1}-code tuple), max group {st['max_group']}, "
+                  f"relative reconstruction error {st['recon_rel_error']}."]
+    lines += [""] + [f"- {n}" for n in table_notes] + [""]
+    path = out / f"{dataset}.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data_dir", help="raw Amazon Beauty folder (interactions.tsv.gz + items.jsonl.gz)")
+    p.add_argument("dataset", help="amazon-<category> (amazon-beauty, amazon-sports, ...): the reader, and the "
+                   "name of the shards, runs and results")
+    p.add_argument("data_dir", help="raw folder of that category (interactions.tsv.gz + items.jsonl.gz)")
     p.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated rows from: {', '.join(ROWS)}")
     p.add_argument("--seeds", type=int, default=1)
     p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--shards", default=str(ROOT / "shards" / "beauty-cold"))
+    p.add_argument("--cold-frac", type=float, default=0.05, help="share of items held out of training")
+    p.add_argument("--shards", help="default shards/<dataset>-cold")
+    p.add_argument("--runs", help="run directories (default runs/bench_<dataset>)")
+    p.add_argument("--out", default=str(S.ROOT / "bench" / "results"), help="where <dataset>.{md,json} go")
     p.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
+    p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that finished")
     args = p.parse_args(argv)
+    if not args.dataset.startswith("amazon-"):
+        p.error(f"dataset must be amazon-<category>, got {args.dataset!r}")
     rows = args.rows.split(",")
     if unknown := [r for r in rows if r not in ROWS]:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
-    shards = Path(args.shards)
-    manifest = _prepare(args.data_dir, shards)
+    shards = Path(args.shards) if args.shards else S.ROOT / "shards" / f"{args.dataset}-cold"
+    runs_dir = Path(args.runs) if args.runs else S.ROOT / "runs" / f"bench_{args.dataset}"
+    manifest = _prepare(args.dataset, args.data_dir, shards, args.cold_frac)
+    command = "python bench/beauty.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs: dict[str, list[dict]] = {}
     for row in rows:
         config, overrides = ROWS[row]
         runs[row] = []
         for seed in range(args.seeds):
-            run_dir = ROOT / "runs" / "bench_beauty" / f"{row.replace(' ', '_').replace('+', 'p')}_s{seed}"
-            m = run_one(config, run_dir, shards, seed, overrides + args.set, args.nproc)
+            run_dir = runs_dir / run_name(row, seed)
+            if args.no_train and not (run_dir / "metrics.json").exists():
+                continue
+            m = S.run_one(config, run_dir, shards, seed, overrides + args.set, args.nproc)
             if m:
                 runs[row].append(m)
-            write_results(runs, manifest, "python bench/beauty.py " + " ".join(sys.argv[1:]))
+            write_results(args.dataset, runs, manifest, command, args.out)
+    if not any(runs.values()):
+        print(f"no finished runs under {runs_dir}", file=sys.stderr)
 
 
 if __name__ == "__main__":

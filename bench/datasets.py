@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.seqrec import ROOT, ensure_shards, run_one, summarize, write_results  # noqa: E402
+from bench import seqrec as S  # noqa: E402
 from configs.schema import EvalConfig, LoaderConfig  # noqa: E402
 from train.baselines import popularity_metrics  # noqa: E402
 
@@ -22,7 +22,7 @@ DATASETS = {
     "ml-100k": dict(reader="ml-100k", shards="ml-100k", title="ML-100K, full ranking",
                     configs={"hstu": "configs/pretrain/ml100k_hstu.yaml",
                              "sasrec": "configs/pretrain/ml100k_sasrec.yaml"},
-                    reference=[], notes=["ML-100K with real timestamps; the ML-1M recipe unchanged."]),
+                    reference=[], notes=["ML-100K with real timestamps."]),
 }
 
 
@@ -36,20 +36,25 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
     args = p.parse_args(argv)
     d = DATASETS[args.dataset]
-    shards = ROOT / "shards" / d["shards"]
-    ensure_shards(d["reader"], args.data_dir, shards)
+    shards = S.ROOT / "shards" / d["shards"]
+    S.ensure_shards(d["reader"], args.data_dir, shards)
     name = args.dataset.replace("-", "")
-    pop = popularity_metrics(shards, "test", LoaderConfig(num_workers=0), EvalConfig())
+    pop_cfg = EvalConfig()
+    pop = dict(popularity_metrics(shards, "test", LoaderConfig(num_workers=0), pop_cfg),
+               exclude_history=pop_cfg.exclude_history)
     runs = {}
     for model in args.models.split(","):
         runs[model] = []
         for seed in range(args.seeds):
-            m = run_one(d["configs"][model], ROOT / "runs" / f"bench_{name}" / f"{model}_s{seed}", shards, seed,
-                        args.set, args.nproc)
+            m = S.run_one(d["configs"][model], S.ROOT / "runs" / f"bench_{name}" / f"{model}_s{seed}", shards, seed,
+                          args.set, args.nproc)
             if m:
                 runs[model].append(m)
-            write_results(name, d["title"], summarize(runs), d["reference"], d["notes"],
-                          "python bench/datasets.py " + " ".join(sys.argv[1:]), {"popularity": pop})
+            done = [m for ms in runs.values() for m in ms]
+            notes = S.protocol_notes(done) + d["notes"] + [S.recipe_note(k, d["configs"][k]) for k in runs] \
+                + S.changes_notes(runs)
+            S.write_results(name, d["title"], S.summarize(runs), d["reference"], notes,
+                            "python bench/datasets.py " + " ".join(sys.argv[1:]), {"popularity": pop})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""The throughput benchmark compares like with like: its naive padded HSTU computes the same function
-as the reference-attention HSTU (so the ratio measures implementation, not math), and the script runs."""
+"""Benchmarks say what produced their numbers. The throughput benchmark compares like with like (its
+naive padded HSTU computes the same function as the reference-attention HSTU, so the ratio measures
+implementation, not math) and times whole epochs through the real trainer; the results tables read the
+protocol, exclusion rule, training sha and flags off the run directories, and beauty.py is named after
+the dataset it ran on."""
 from __future__ import annotations
 
 import json
@@ -48,7 +51,7 @@ def test_ml1m_variants_table_reads_changes_off_the_run_configs(tmp_path):
     import dataclasses
 
     from bench import ml1m_variants as mv
-    from bench.seqrec import ROOT
+    from bench.seqrec import ROOT, exclusion_rule
     from configs.load import load_config
     from configs.schema import PretrainConfig
     base = dataclasses.asdict(load_config(PretrainConfig, ROOT / mv.CONFIGS["hstu_large"]))
@@ -67,4 +70,205 @@ def test_ml1m_variants_table_reads_changes_off_the_run_configs(tmp_path):
     assert rows["hstu_large_s0"]["changes"] == [] and rows["hstu_large_s0"]["model"] == "hstu_large"
     mv.write(list(rows.values()), tmp_path / "out", "cmd")
     table = (tmp_path / "out" / "ml1m_variants.md").read_text()
-    assert "| hstu_large_s0 | paper recipe | best valid epoch | 0.2000 |" in table
+    rule = exclusion_rule({}, base)  # the schema's default rule, as the run's config.json records it
+    assert f"| hstu_large_s0 | paper recipe | best valid epoch | {rule} | 0.2000 |" in table
+    assert "tabulated at git" in table
+
+
+# ---- results tables: what produced a number is read off the run directories ------------------------------
+
+ML1M_HSTU = "configs/pretrain/ml1m_hstu.yaml"
+
+
+def fake_run(root, name, recipe=ML1M_HSTU, train=None, metrics=None, eval_rule="full", epoch_seconds=(10.0, 12.0),
+             test=None, per_slice=None, item_repr="id", sha="abcdef0123456789"):
+    """A finished run directory (config.json, metrics.json, meta.json, log.jsonl) without training."""
+    from bench.seqrec import recipe_config
+    cfg = recipe_config(recipe)
+    cfg["train"].update(train or {})
+    cfg["model"]["item_repr"] = item_repr
+    cfg["eval"]["exclude_history"] = True if eval_rule is None else eval_rule  # None: a run from before the field
+    d = root / name
+    d.mkdir(parents=True)
+    cfg["run_dir"] = str(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    test = dict(test or {k: 0.1 for k in ("hr@5", "ndcg@5", "hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200",
+                                           "ndcg@200", "mrr")}, count=1000)
+    if per_slice is not None:
+        test["per_slice"] = per_slice
+    if eval_rule is not None:
+        test["exclude_history"] = eval_rule
+    m = dict(best_epoch=3, epochs_run=14, valid={"hr@10": 0.2, "count": 900}, selected="best_valid",
+             train_through_valid=False, test=test, train_seconds_this_run=999.0, git_sha=sha)
+    m.update(metrics or {})
+    (d / "metrics.json").write_text(json.dumps(m))
+    epochs = [dict(kind="epoch", epoch=i, seconds=s, tokens=1000, eval_seconds=5.0, wall_seconds=s + 6)
+              for i, s in enumerate(epoch_seconds)]
+    (d / "meta.json").write_text(json.dumps(dict(epochs=epochs)))
+    (d / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    return d
+
+
+def test_run_flags_capped_and_still_improving(tmp_path):
+    from bench.seqrec import load_run
+    complete = load_run(fake_run(tmp_path, "a"), ML1M_HSTU)
+    capped = load_run(fake_run(tmp_path, "b", train={"epochs": 20}, metrics=dict(best_epoch=19, epochs_run=20)),
+                      ML1M_HSTU)
+    improving = load_run(fake_run(tmp_path, "c", metrics=dict(best_epoch=99, epochs_run=100)), ML1M_HSTU)
+    refit = load_run(fake_run(tmp_path, "d", train={"epochs": 20, "select": "last"},
+                              metrics=dict(selected="last", best_epoch=19, epochs_run=20)), ML1M_HSTU)
+    assert complete["flags"] == [] and refit["flags"] == []  # select=last fixes its epochs by protocol
+    assert capped["flags"] == ["capped", "still improving"]
+    assert improving["flags"] == ["still improving"]
+    assert capped["changes"] == ["train.epochs=20"]
+    assert complete["train_sha"] == "abcdef0" and complete["train_seconds"] == 22.0  # epochs' training time only
+
+
+def test_exclusion_rule_read_off_the_run():
+    from bench.seqrec import exclusion_rule
+    assert exclusion_rule({"exclude_history": "full"}) == "full"
+    assert exclusion_rule({"test": {"exclude_history": "window"}}) == "window"
+    assert exclusion_rule({}, {"eval": {"exclude_history": True}}) == "window"  # before the field: the old rule
+    assert exclusion_rule({}, {"eval": {"exclude_history": False}}) == "none"
+    assert exclusion_rule({}) == "window"
+
+
+def test_flagged_runs_are_never_averaged_with_complete_ones(tmp_path):
+    from bench.seqrec import load_run, summarize, write_results
+    runs = {"hstu": [load_run(fake_run(tmp_path, "hstu_s0", test={"hr@10": 0.30, "ndcg@10": 0.2}, sha="1111111aa"),
+                              ML1M_HSTU),
+                     load_run(fake_run(tmp_path, "hstu_s1", test={"hr@10": 0.20, "ndcg@10": 0.1}, sha="2222222bb"),
+                              ML1M_HSTU),
+                     load_run(fake_run(tmp_path, "hstu_s2", test={"hr@10": 0.10, "ndcg@10": 0.05}, sha="3333333cc",
+                                       train={"epochs": 12}, metrics=dict(best_epoch=5, epochs_run=12)), ML1M_HSTU)]}
+    summary = summarize(runs)
+    assert set(summary) == {"hstu", "hstu [capped]"}
+    assert summary["hstu"]["seeds"] == 2 and abs(summary["hstu"]["hr@10"]["mean"] - 0.25) < 1e-9
+    assert summary["hstu [capped]"]["seeds"] == 1 and summary["hstu [capped]"]["hr@10"]["mean"] == 0.10
+    assert summary["hstu"]["ndcg@50"] is None  # missing in the runs: n/a, not a mean over fewer seeds
+    write_results("t", "T", summary, [], [], "cmd", {"popularity": {"hr@10": 0.01, "exclude_history": "full"}},
+                  out=tmp_path / "out")
+    md = (tmp_path / "out" / "t.md").read_text()
+    assert "tabulated at git" in md
+    assert "| 1111111, 2222222 |" in md and "| 3333333 |" in md  # each row's training sha
+    assert "[capped] capped by hand" in md and "1 run (hstu [capped])" in md
+    assert "| full |" in md and "n/a" in md
+
+
+def test_ml1m_notes_follow_the_protocol_of_the_runs(tmp_path):
+    from bench import ml1m
+    from bench.seqrec import load_run
+    valid = {"hstu": [load_run(fake_run(tmp_path, "v", eval_rule=None), ML1M_HSTU)]}
+    paper = {"hstu": [load_run(fake_run(tmp_path, "p", train={"select": "best_test"},
+                                        metrics=dict(selected="best_test", train_through_valid=True, valid=None)),
+                               ML1M_HSTU)]}
+    manifest = {"has_timestamps": False}
+    nv, np_ = " ".join(ml1m.notes(valid, manifest)), " ".join(ml1m.notes(paper, manifest))
+    assert "not optimistic" in nv and "History exclusion 'window'" in nv  # an old run: the window rule
+    assert "not optimistic" not in np_ and "best TEST epoch (optimistic), trained through valid" in np_
+    assert "History exclusion 'full'" in np_ and "train.select=best_test" in np_  # its change from the YAML
+    assert "no timestamps" in nv and "no timestamps" not in " ".join(ml1m.notes(valid, {"has_timestamps": True}))
+    assert "patience 10" in nv and "128 uniform negatives" in nv  # read off the YAML
+
+
+def _beauty_manifest(shards):
+    shards.mkdir(parents=True)
+    stats = dict(fitted_on_items=90, assigned_after_fit=10, usage=[1.0, 0.5], collision_rate=0.01, max_group=2,
+                 recon_rel_error={"text": 0.3})
+    (shards / "manifest.json").write_text(json.dumps(dict(
+        dataset="amazon-sports", vocab=dict(num_items=100), split_rule=dict(cold_items=list(range(91, 101))),
+        semantic_ids=dict(method="rqvae", level_sizes=[8, 8, 2], stats=stats))))
+
+
+def test_beauty_takes_the_dataset_and_compares_warm_among_warm(tmp_path):
+    from bench import beauty
+    shards, runs = tmp_path / "shards", tmp_path / "runs"
+    _beauty_manifest(shards)
+    sl = lambda hr: {"hr@5": hr / 2, "ndcg@5": hr / 4, "hr@10": hr, "ndcg@10": hr / 3, "count": 10}  # noqa: E731
+    fake_run(runs, beauty.run_name("hstu id", 0), recipe=beauty.HSTU, item_repr="id",
+             per_slice={"warm": sl(0.11), "cold": sl(0.0), "warm_among_warm": sl(0.1234)})
+    gen = fake_run(runs, beauty.run_name("hstu id+sid+content +gen", 0), recipe=beauty.HSTU,
+                   item_repr="id+sid+content", per_slice={"warm": sl(0.08), "cold": sl(0.0567)})  # an older run
+    m = json.loads((gen / "metrics.json").read_text())
+    m["test_generative"] = dict(m["test"], per_slice={"warm": sl(0.09), "cold": sl(0.0),
+                                                      "warm_among_warm": sl(0.0911)})
+    (gen / "metrics.json").write_text(json.dumps(m))
+    beauty.main(["amazon-sports", str(tmp_path / "raw"), "--shards", str(shards), "--runs", str(runs),
+                 "--out", str(tmp_path / "out"), "--no-train", "--rows", "hstu id,hstu id+sid+content +gen,sasrec id"])
+    assert not (tmp_path / "out" / "beauty.md").exists() and (tmp_path / "out" / "amazon-sports.json").exists()
+    md = (tmp_path / "out" / "amazon-sports.md").read_text()
+    assert md.startswith("# amazon-sports:")
+    assert "0.0648" not in md and "0.0400" in md  # Sports' published TIGER row, not Beauty's
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| hstu")}
+    assert "0.1234" in rows["hstu id"] and "| - | - | - | - | not ranked |" in rows["hstu id"]
+    assert "n/a" in rows["hstu id+sid+content +gen"]  # no warm_among_warm key: n/a, no crash
+    assert "0.0567" in rows["hstu id+sid+content +gen"]  # it ranks cold items: all-items and cold columns kept
+    assert "0.0911" in rows["hstu id+sid+content +gen: generative head (beam)"]
+    assert "| 22 |" in rows["hstu id"] and "999" not in md  # train s: epochs' training time, validation excluded
+    assert "| abcdef0 |" in rows["hstu id"]
+    assert "10 of the 100 items (10.0%)" in md and "1,000 (10 cold, 1.0%)" in md  # computed, not typed in
+    assert "605" not in md and "12,101" not in md
+
+
+def test_beauty_refuses_a_non_amazon_dataset(tmp_path, capsys):
+    from bench import beauty
+    with pytest.raises(SystemExit):
+        beauty.main(["ml-1m", str(tmp_path)])
+    assert "amazon-<category>" in capsys.readouterr().err
+
+
+def test_shared_cores_from_the_recorded_load():
+    from bench.seqrec import load_cell, shared_cores
+    alone = dict(bench_sessions=[dict(load_1min_mean=2.3, nproc=1, threads_per_proc=2, cpus=2)])
+    shared = dict(bench_sessions=[dict(load_1min_mean=2.2, nproc=1, threads_per_proc=1, cpus=2)])
+    assert shared_cores(alone) is False and shared_cores(shared) is True and shared_cores({}) is None
+    assert load_cell([shared]) == "2.2 (1 thr, shared)" and load_cell([{}]) == "-"
+
+
+def test_one_metadata_block_for_every_record():
+    from bench.record import header, metadata
+    meta = metadata("python x.py", threads=2, load_before=[1.0, 1.0, 1.0])
+    assert {"date", "git_sha", "command", "machine", "load"} <= set(meta)
+    assert meta["machine"]["cpus"] >= 1 and meta["machine"]["cpu"]
+    lines = header("Title", meta)
+    assert lines[0] == "# Title" and "tabulated at git" in lines[2] and "2 threads" in lines[2]
+
+
+# ---- throughput: whole epochs through the real loader and engine ---------------------------------------
+
+def test_epoch_summary_reads_the_log_and_falls_back_clearly():
+    new = [dict(seconds=10.0, tokens=5000, eval_seconds=0, wall_seconds=11.0),
+           dict(seconds=10.0, tokens=5000, eval_seconds=4.0, wall_seconds=15.0)]
+    s = throughput.summarize_epochs(new)
+    assert s["e2e_tokens_per_s"] == 500 and not s["tokens_estimated"] and s["missing"] == []
+    assert s["epoch_wall_validated"] == 15.0 and s["epoch_wall_not_validated"] == 11.0 and s["eval_seconds"] == 4.0
+    old = throughput.summarize_epochs([dict(seconds=10.0, tokens_per_s=300)])
+    assert old["e2e_tokens_per_s"] == 300 and old["tokens_estimated"]
+    assert old["missing"] == ["eval_seconds", "tokens", "wall_seconds"] and "epoch_wall_validated" not in old
+
+
+def test_throughput_reference_side_by_side(shard_dir, tmp_path):
+    res = throughput.main(["--shards", str(shard_dir), "--batches", "1", "--warmup", "0", "--models", "hstu",
+                           "--out", str(tmp_path)])
+    ref = res["reference"]
+    assert ref["model"] == "HSTU" and ref["mid"] == 9200
+    step = ref["ratios"]["step rate (hstu)"]
+    assert step["ratio"] == round(res["results"]["hstu"]["tokens_per_s"] / 9200, 2)
+    md = (tmp_path / "throughput_l2_h1.md").read_text()
+    assert "measured 2026-12-01 on this machine kind by the issue author, not by this script" in md
+    assert "load avg" in md and res["load"]["before"] is not None
+
+
+def test_throughput_e2e_runs_whole_epochs_through_pretrain(shard_dir, tmp_path):
+    res = throughput.main(["--shards", str(shard_dir), "--batches", "1", "--warmup", "0", "--dim", "16",
+                           "--negatives", "16", "--models", "hstu,hstu_naive", "--e2e", "--epochs", "2",
+                           "--e2e-set", "data.num_workers=0", "--e2e-set", "eval.batch_size=64",
+                           "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path)])
+    every, last = res["e2e"]["validate every epoch"], res["e2e"]["validate after the last epoch only"]
+    for r in (every, last):
+        assert r["epochs"] == 2 and r["train_tokens"] > 0 and r["e2e_tokens_per_s"] > 0
+        assert r["process_wall_seconds"] >= r["train_seconds"]
+    if "eval_seconds" not in every["missing"]:
+        assert every["epoch_wall_not_validated"] is None and last["epoch_wall_not_validated"] is not None
+    md = (tmp_path / "throughput_l2_h1.md").read_text()
+    assert "End to end" in md and "padded stand-in" in md and "NOT the reference implementation" in md
