@@ -185,11 +185,11 @@ def e2e(args, threads: int) -> dict:
     shape = [f"model.num_layers={args.layers}", f"model.dim={args.dim}", f"model.num_heads={args.heads}",
              "model.attention_backend=ref", f"loss.num_negatives={args.negatives}", "data.batch_size=128",
              "data.max_len=200", f"train.epochs={args.epochs}", "train.patience=0"]
-    base = Path(args.runs_dir) if args.runs_dir else Path(tempfile.mkdtemp(prefix="throughput_e2e_"))
+    base = Path(args.runs_dir).resolve() if args.runs_dir else Path(tempfile.mkdtemp(prefix="throughput_e2e_"))
     rows = {}
     try:
         for name, every in (("validate every epoch", 1), ("validate after the last epoch only", args.epochs + 1)):
-            rows[name] = e2e_run(args.config, args.shards, base / f"eval_every_{every}",
+            rows[name] = e2e_run(args.config, str(Path(args.shards).resolve()), base / f"eval_every_{every}",
                                  shape + [f"train.eval_every={every}"] + args.e2e_set, threads)
             r = rows[name]
             print(f"e2e {name}: {r['e2e_tokens_per_s']:,} training tokens/s over {r['epochs']} epochs, "
