@@ -215,7 +215,10 @@ class ModelConfig:
     linear_dropout: float = 0.2
     """Dropout before the output projection (HSTU) or on attention/FFN outputs (SASRec)."""
     attention_backend: str = "auto"
-    """HSTU attention kernel: 'auto' (Triton on CUDA if available, else ref), 'ref' or 'triton'."""
+    """HSTU attention kernel: 'auto', 'ref' (PyTorch, any device) or 'triton' (CUDA kernels). 'auto' runs
+    'ref' everywhere for now, CUDA included, and says so once: the Triton kernels have passed parity tests
+    only in Triton's CPU interpreter and have never run on a GPU in this repo's CI. Opt in with 'triton'
+    after `python bench/kernels.py --parity-only` prints PASS on every row on that GPU."""
     item_repr: str = "id"
     """How an item becomes a vector (input tokens and the retrieval table alike): 'id', 'sid' (sum of
     its semantic-ID code embeddings), 'id+sid', or 'id+sid+content' (+ a projection of its content
@@ -283,7 +286,18 @@ class TrainConfig:
     log_every: int = 1
     """Write a JSONL log line (loss, lr, tokens/s) every this many optimizer steps."""
     max_steps_per_epoch: int = 0
-    """Cap on optimizer steps per epoch (0 = the whole epoch); for smoke tests."""
+    """Cap on optimizer steps per epoch (0 = the whole epoch); for smoke tests. With grad_accum > 1 an
+    optimizer step is grad_accum micro-batches."""
+    nan_policy: str = "stop"
+    """On a non-finite loss or gradient norm: 'stop' (end the run with a message naming the step, the
+    loss term and the last good checkpoint, which is left untouched) or 'skip_step' (drop that update on
+    every rank and go on, at most max_skipped_steps times per run, then stop)."""
+    max_skipped_steps: int = 10
+    """With nan_policy = 'skip_step': how many non-finite updates a run may skip before it stops."""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms(True) for the run: deterministic kernels everywhere (the Triton
+    attention then runs one pinned config per shape bucket instead of autotuning, so every process uses
+    the same reduction order). Slower on GPU; CPU results are unaffected."""
 
 
 @dataclass
@@ -294,8 +308,11 @@ class EvalConfig:
     """Sequences per evaluation batch."""
     ks: list[int] = field(default_factory=lambda: [10, 50, 200])
     """Cut-offs for HR@K and NDCG@K."""
-    exclude_history: bool = True
-    """Never rank items the model saw in the user's input sequence (the target itself is never excluded)."""
+    exclude_history: str = "full"
+    """Items never ranked for a user (the target itself is never excluded: a correct repeat is a hit).
+    'full': every item of the user's history before the target, however long (the stricter rule, the
+    default); 'window': only the items of the max_len-cut input sequence (the HSTU reference's rule; on
+    ML-1M 26% of test users then keep ~215 earlier items rankable); 'none': rank everything."""
     item_chunk: int = 65536
     """Score the catalogue in chunks of this many items, so memory stays (B x item_chunk)."""
     beam: int = 50

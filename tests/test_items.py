@@ -106,7 +106,7 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     metrics = main(load_config(PretrainConfig, None, sets))
     gen, dot = metrics["test_generative"], metrics["test"]
     assert gen["count"] == dot["count"] > 0 and 0 <= gen["hr@10"] <= 1
-    assert set(dot["per_slice"]) == {"warm", "cold"} and dot["per_slice"]["cold"]["count"] > 0
+    assert set(dot["per_slice"]) == {"warm", "cold", "warm_among_warm"} and dot["per_slice"]["cold"]["count"] > 0
     assert dot["per_slice"]["cold"]["count"] == load_manifest(world)["counts"]["cold"]["test_targets"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["item_repr"] == "id+sid+content"
     assert dataclasses.is_dataclass(load_config(PretrainConfig, tmp_path / "config.json"))

@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     if args.command == "pretrain":
         from data_pipeline.read_shards import ShardError
         from data_pipeline.schema import DataError
+        from train.loop import NonFiniteError
         from train.pretrain import main as pretrain
         try:
             cfg = load_config(PretrainConfig, args.config, args.set)
@@ -39,6 +40,9 @@ def main(argv=None) -> int:
             pretrain(cfg)
         except (ConfigError, DataError, ShardError, FileNotFoundError) as e:
             return input_error(e)
+        except NonFiniteError as e:  # diverged: the message names the step, the loss term, the checkpoint
+            print(f"error: {e}", file=sys.stderr)
+            return 3
     return 0
 
 

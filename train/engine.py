@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
+import time
 from pathlib import Path
 
 import deepspeed
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 from configs.schema import TrainConfig
+from data_pipeline.atomic_dir import recover, swap_into_place
 
 
 def _free_port() -> int:
@@ -34,6 +37,10 @@ def setup_distributed() -> tuple[int, int]:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def rank() -> int:
+    return dist.get_rank()
 
 
 def device() -> torch.device:
@@ -69,9 +76,25 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, micro_batch: int):
     return engine
 
 
+def set_lr(engine, lr: float) -> float | None:
+    """Set the (constant) learning rate of every parameter group; returns the previous one. A resumed
+    run restores the optimizer state, lr included: the config's lr must win, or resuming a diverged run
+    with a lower train.lr would silently keep the old one."""
+    groups = engine.optimizer.param_groups
+    old = groups[0]["lr"]
+    for g in groups:
+        g["lr"] = lr
+    return old
+
+
 def rng_state(generator: torch.Generator) -> dict:
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                generator=generator.get_state())
+    """Every RNG stream a rank draws from: python, numpy, torch CPU, each visible CUDA device (dropout on
+    GPU draws from those, not from the CPU stream), and the negatives' generator."""
+    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                 generator=generator.get_state())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict, generator: torch.Generator) -> None:
@@ -79,19 +102,50 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     generator.set_state(state["generator"])
+    if torch.cuda.is_available():
+        if "cuda" not in state:
+            raise ValueError("this checkpoint has no CUDA RNG state (saved on CPU): a resumed GPU run "
+                             "would not reproduce an uninterrupted one")
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _partial(tag: str) -> str:
+    return f".{tag}.partial"
 
 
 def save_checkpoint(engine, ckpt_dir: str | Path, tag: str, client_state: dict, generator: torch.Generator):
-    """DeepSpeed state (model, optimizer, ZeRO partitions) + this rank's RNG streams. DeepSpeed writes
-    client_state from rank 0 only, so every rank saves its own RNG file next to it."""
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
-    torch.save(rng_state(generator), Path(ckpt_dir) / tag / f"rng_rank{dist.get_rank()}.pt")
+    """DeepSpeed state (model, optimizer, ZeRO partitions) + this rank's RNG streams, written as
+    ckpt_dir/.<tag>.partial and swapped into ckpt_dir/<tag> only once every rank has finished: a crash
+    at any moment leaves the previous complete <tag> in place (DeepSpeed writes client_state from rank
+    0 only, so every rank saves its own RNG file next to it)."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir / _partial(tag)
+    if dist.get_rank() == 0:
+        recover(ckpt_dir / tag)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash inside an earlier save
     dist.barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tmp.name, client_state=client_state)
+    torch.save(rng_state(generator), tmp / f"rng_rank{dist.get_rank()}.pt")
+    hold_tag, _, hold_s = os.environ.get("UNIREC_TEST_SAVE_SLEEP", "").partition(":")
+    if hold_tag == tag:  # test hook "TAG:SECONDS": hold this save open so a test can kill -9 it here
+        time.sleep(float(hold_s))
+    dist.barrier()  # every rank's files are complete
+    if dist.get_rank() == 0:
+        swap_into_place(tmp, ckpt_dir / tag)
+        (ckpt_dir / "latest").write_text(tag)  # DeepSpeed's pointer; we always load by explicit tag
+    dist.barrier()
+
+
+def has_checkpoint(ckpt_dir: str | Path, tag: str) -> bool:
+    recover(Path(ckpt_dir) / tag)
+    return (Path(ckpt_dir) / tag).is_dir()
 
 
 def load_checkpoint(engine, ckpt_dir: str | Path, tag: str, generator: torch.Generator | None,
                     with_optimizer: bool = True) -> dict:
     """Restore engine state (and RNG streams if a generator is given); returns client_state."""
+    if not has_checkpoint(ckpt_dir, tag):
+        raise FileNotFoundError(f"no checkpoint {Path(ckpt_dir) / tag}")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=with_optimizer,
                                           load_lr_scheduler_states=with_optimizer)
     if path is None:
@@ -139,14 +193,42 @@ def lockstep(batches, make_dummy):
         yield (b, True) if b is not None else (make_dummy(), False)
 
 
-def while_all_have(batches):
-    """Yield batches while every rank has one: ranks' shard shares differ by up to one shard, and an
-    optimizer step with a rank missing would hang the gradient all-reduce. The remainder of the longer
-    ranks is dropped this epoch (the shard order is reshuffled every epoch, so it is different data)."""
-    for b, have in _with_rank_count(batches):
-        if have < dist.get_world_size():
-            return
-        yield b
+def visible_grad_norm(engine) -> float | None:
+    """Global gradient norm before the optimizer step, where this process can see it: at ZeRO 0 the
+    gradients are whole and already all-reduced (the same on every rank). ZeRO >= 1 partitions them
+    inside DeepSpeed's optimizer, which checks them itself (see `step`); None there."""
+    if engine.zero_optimization_stage() > 0:
+        return None
+    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def skip_update(engine) -> None:
+    """Drop the accumulated gradients without an optimizer step (ZeRO 0; see visible_grad_norm)."""
+    engine.zero_grad()
+
+
+def step(engine) -> tuple[bool, float | None]:
+    """engine.step(); returns (applied, grad_norm). ZeRO >= 1 and bf16 optimizers check the gradients
+    for inf/NaN themselves and skip such an update (DeepSpeed counts it in skipped_steps): applied is
+    then False. grad_norm is DeepSpeed's global norm where its optimizer reports one, else None."""
+    skipped = engine.skipped_steps
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    norm = None if norm is None else float(norm)
+    return engine.skipped_steps == skipped, norm
+
+
+def micro_steps(engine) -> int:
+    """Micro-batches this engine has stepped (backward + step pairs), the same on every rank."""
+    return engine.micro_steps
+
+
+def per_rank(value: float) -> list[float]:
+    """[value on rank 0, value on rank 1, ...] on every rank (one all-reduce)."""
+    x = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    x[dist.get_rank()] = value
+    return all_reduce_sum(x).tolist()
 
 
 def barrier() -> None:

@@ -121,7 +121,8 @@ def full_softmax_logits(states, model, num_items: int, candidates: torch.Tensor 
 
 def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
                  candidates: torch.Tensor | None = None):
-    """Forward + loss. Returns (loss, {"loss", "positions", "tokens"}) with loss a 0-dim tensor.
+    """Forward + loss. Returns (loss, {"loss", "terms", "positions", "tokens"}) with loss a 0-dim tensor
+    and terms the value of each part ("retrieval", and "generative" with a generative head).
     candidates (W,): the item ids negatives may be (None = all; see `draw_items`)."""
     states = model(batch)  # (L, D) unit norm
     has_target = batch.targets > 0
@@ -134,7 +135,12 @@ def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
     else:
         raise ValueError(f"loss.kind must be sampled_softmax or full_softmax, got {cfg.kind!r}")
     loss = F.cross_entropy(logits.float() / cfg.temperature, labels)
+    terms = {"retrieval": loss.detach()}
     head = getattr(model, "gen_head", None)
-    if head is not None:  # the next item's semantic-ID tuple, level by level, under the trie
-        loss = loss + cfg.generative_weight * generative_loss(head, s, model.embed.item.codes[t], model.code_trie())
-    return loss, {"loss": float(loss.detach()), "positions": int(t.numel()), "tokens": int(states.shape[0])}
+    if head is not None:  # the next item's semantic-ID tuple, level by level, under the trie of the items
+        # training may touch (cold ones are not in it: their branches are never pushed down)
+        gen = generative_loss(head, s, model.embed.item.codes[t], model.code_trie(candidates))
+        terms["generative"] = gen.detach()
+        loss = loss + cfg.generative_weight * gen
+    return loss, {"loss": float(loss.detach()), "terms": {k: float(v) for k, v in terms.items()},
+                  "positions": int(t.numel()), "tokens": int(states.shape[0])}

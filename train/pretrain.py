@@ -13,25 +13,24 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from configs.load import save_config
+from configs.provenance import git_sha
 from configs.schema import PretrainConfig
-from data_pipeline.collate import collate, make_loader
+from data_pipeline.collate import make_loader
 from data_pipeline.read_shards import cold_items, load_manifest
 from model.items import load_item_features
 from model.seqrec import build_model
 from train import engine as E
 from train.baselines import popularity_metrics
 from train.evaluate import evaluate, generative_ranks
-from train.losses import compute_loss
+from train.loop import NonFiniteGuard, dummy_batch, train_epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -40,64 +39,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def dummy_batch(dev):
-    """A one-token batch for lock-step evaluation on a rank that ran out of data."""
-    z = np.zeros(1, dtype=np.int64)
-    tok = dict(item_ids=z + 1, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
-               domains=z, targets=z + 1, domain=0, user=0)
-    return collate([tok]).to(dev)
-
-
 def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generative: bool = False) -> dict:
     """Full-ranking metrics of the dot-product head, or (`generative`) of the semantic-ID beam search."""
     batches = (b.to(dev) for b in make_loader(cfg.shards, split, _eval_loader(cfg), shuffle=False))
     ecfg, ranker = cfg.eval, None
     if generative:
         ecfg = replace(cfg.eval, ks=[k for k in cfg.eval.ks if k <= cfg.eval.beam])
-        ranker = lambda m, b: generative_ranks(m, b, ecfg, manifest["vocab"]["num_items"])
+        ranker = lambda m, b, c: generative_ranks(m, b, ecfg, manifest["vocab"]["num_items"], c)
     cold = torch.from_numpy(cold_items(manifest)).to(dev)
     # an ID-only model has nothing but an untrained random row for a held-out item: a serving index would
     # not contain it, so it is not ranked (its cold recall is 0 by construction, not by luck)
     unrankable = cold if cfg.model.item_repr == "id" and len(cold) else None
-    return evaluate(eng, E.lockstep(batches, lambda: dummy_batch(dev)), ecfg, manifest["vocab"]["num_items"],
+    warm = int(np.setdiff1d(np.arange(1, len(cold) + 2), cold.cpu().numpy())[0])  # a warm item for dummies
+    dummy = lambda: dummy_batch(dev, warm, seen=True)
+    return evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
                     manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
                     unrankable=unrankable)
 
 
 def _eval_loader(cfg: PretrainConfig):
     return replace(cfg.data, batch_size=cfg.eval.batch_size)
-
-
-def train_epoch(eng, cfg: PretrainConfig, epoch: int, num_items: int, gen, dev, log, rank: int,
-                candidates: torch.Tensor | None) -> dict:
-    eng.train()
-    t0, tokens, losses, steps = time.perf_counter(), 0, [], 0
-    batches = E.while_all_have(make_loader(cfg.shards, "train", cfg.data, epoch=epoch))
-    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=rank != 0, leave=False)
-    for batch in bar:
-        loss, m = compute_loss(eng, batch.to(dev), cfg.loss, num_items, gen, candidates)
-        eng.backward(loss)
-        eng.step()
-        steps += 1
-        tokens += m["tokens"]
-        losses.append(m["loss"])
-        if steps % cfg.train.log_every == 0:
-            rate = tokens / (time.perf_counter() - t0)
-            log(dict(epoch=epoch, step=eng.global_steps, loss=m["loss"], lr=cfg.train.lr, tokens_per_s=round(rate)))
-            bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
-        if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
-            break
-    secs = time.perf_counter() - t0
-    return dict(epoch=epoch, steps=steps, seconds=round(secs, 2), loss=float(np.mean(losses)) if losses else None,
-                tokens_per_s=round(tokens / secs) if secs else 0)
 
 
 def make_logger(run_dir: Path, rank: int):
@@ -116,6 +77,8 @@ def main(cfg: PretrainConfig) -> dict:
         raise ValueError(f"train.select must be 'best_valid', 'last' or 'best_test', got {cfg.train.select!r}")
     select_split = "test" if cfg.train.select == "best_test" else "valid"  # best_test: the reference's protocol
     rank, world = E.setup_distributed()
+    if cfg.train.deterministic:  # deterministic kernels (and the Triton attention's pinned configs)
+        torch.use_deterministic_algorithms(True)
     dev = E.device()
     seed_everything(cfg.train.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.train.seed * 1000 + rank)  # negatives, per rank
@@ -136,33 +99,43 @@ def main(cfg: PretrainConfig) -> dict:
     # ---- model and engine ----------------------------------------------------------------------------
     model = build_model(cfg.model, manifest, cfg.data.max_len, load_item_features(cfg.shards, cfg.model)).to(dev)
     eng = E.build_engine(model, cfg.train, cfg.data.batch_size)
-    state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[])
-    if cfg.resume and (ckpt / "last").exists():
+    state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[], skipped_steps=0)
+    if cfg.resume and E.has_checkpoint(ckpt, "last"):
         state = E.load_checkpoint(eng, ckpt, "last", gen)["state"]
+        old_lr = E.set_lr(eng, cfg.train.lr)
         if rank == 0:
-            print(f"resumed from {ckpt} after epoch {state['epoch']}")
+            print(f"resumed from {ckpt / 'last'} after epoch {state['epoch']}"
+                  + (f" (train.lr {old_lr:g} -> {cfg.train.lr:g})" if old_lr != cfg.train.lr else ""))
+    guard = NonFiniteGuard(cfg.train, ckpt, state.get("skipped_steps", 0))
 
     # ---- loop: train an epoch, validate, keep the best, stop early ------------------------------------
     t_start = time.perf_counter()
     for epoch in range(state["epoch"] + 1, cfg.train.epochs):
-        row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, rank, candidates)
+        t_epoch = time.perf_counter()
+        guard.last_good_epoch = state["epoch"]
+        row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, guard, candidates)
+        row["eval_seconds"] = 0.0
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            t_eval = time.perf_counter()
             val = run_eval(eng, cfg, select_split, manifest, dev)
+            row["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
             row[select_split] = {k: v for k, v in val.items() if k != "per_domain"}
-            if val["ndcg@10"] > state["best_ndcg"]:
+            if val["ndcg@10"] > state["best_ndcg"]:  # NaN never beats: a diverged epoch is never best
                 state.update(best_ndcg=val["ndcg@10"], best_epoch=epoch, bad_evals=0, best_valid=val)
                 E.save_checkpoint(eng, ckpt, "best", {"state": state}, gen)
             else:
                 state["bad_evals"] += 1
-        state["epoch"] = epoch
+        state.update(epoch=epoch, skipped_steps=guard.skipped)
         state["history"].append(row)
+        E.save_checkpoint(eng, ckpt, "last", {"state": state}, gen)
+        row["wall_seconds"] = round(time.perf_counter() - t_epoch, 2)  # train + eval + checkpoints
         log(dict(kind="epoch", **row))
         if rank == 0:
             v = row.get(select_split, {})
             nan = float("nan")
             print(f"epoch {epoch}: loss {row['loss']:.4f}  {row['tokens_per_s']:,} tok/s  {row['seconds']}s  "
-                  f"{select_split} HR@10 {v.get('hr@10', nan):.4f} NDCG@10 {v.get('ndcg@10', nan):.4f}")
-        E.save_checkpoint(eng, ckpt, "last", {"state": state}, gen)
+                  f"{select_split} HR@10 {v.get('hr@10', nan):.4f} NDCG@10 {v.get('ndcg@10', nan):.4f}  "
+                  f"examples per rank {row['examples_per_rank']}")
         if cfg.train.select != "last" and cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
             break
 
@@ -181,8 +154,8 @@ def main(cfg: PretrainConfig) -> dict:
     metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=best_valid,
                    selected=cfg.train.select, train_through_valid=cfg.data.train_through_valid,
                    test=test, test_generative=test_generative, test_popularity=popularity,
-                   train_seconds_this_run=round(train_seconds, 1),
-                   world_size=world,
+                   train_seconds_this_run=round(train_seconds, 1), exclude_history=cfg.eval.exclude_history,
+                   skipped_steps=state.get("skipped_steps", 0), world_size=world,
                    dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
     E.write_json(run_dir / "metrics.json", metrics)
     E.write_json(run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
@@ -192,6 +165,8 @@ def main(cfg: PretrainConfig) -> dict:
         show = lambda m: "  ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in m)
         which = "last" if cfg.train.select == "last" else "best " + select_split
         print(f"test at {which} epoch {state['best_epoch']}: {show(test)}")
+        if test["nonfinite_states"]:
+            print(f"  warning: {test['nonfinite_states']:,} test states were NaN/inf (counted as misses)")
         for name, m in (test.get("per_slice") or {}).items():
             print(f"  {name} targets ({m['count']:,}): {show(m)}")
         if test_generative:
