@@ -136,3 +136,29 @@ def test_image_modality_end_to_end_with_per_modality_codes(tmp_path):
     loss, _ = losses.compute_loss(m, b, LossConfig(num_negatives=8), manifest["vocab"]["num_items"])
     loss.backward()
     assert m.embed.item.content_proj.weight.grad.abs().sum() > 0
+
+
+def test_generative_loss_trains_against_the_warm_items_trie_only(world):
+    """Issue 11 item 5: the training trie held cold items too, so the trie-masked cross-entropy pushed
+    their branches down (the Beauty generative head's cold R@10 was exactly 0). Training now builds the
+    trie from the items training may touch; decoding still uses every item."""
+    manifest = load_manifest(world)
+    n, cold = manifest["vocab"]["num_items"], torch.from_numpy(cold_items(manifest))
+    warm = torch.from_numpy(np.setdiff1d(np.arange(1, n + 1), cold.numpy()))
+    cfg = tiny(item_repr="sid", generative_head=True)
+    m = build_model(cfg, manifest, 40, load_item_features(world, cfg))
+    codes = m.embed.item.codes
+    assert (m.code_trie(warm).walk(codes[cold])[:, -1] == -1).all()  # no cold leaf in the training trie
+    assert (m.code_trie(warm).walk(codes[warm])[:, -1] >= 0).all()
+    assert (m.code_trie().walk(codes[1:])[:, -1] >= 0).all()  # decoding: every item
+    asked = []
+    full_trie = m.code_trie
+
+    def recording_trie(items=None):
+        asked.append(items)
+        return full_trie(items)
+
+    m.code_trie = recording_trie
+    batch = next(iter(make_loader(world, "train", LoaderConfig(batch_size=32, max_len=40, num_workers=0))))
+    losses.compute_loss(m, batch, LossConfig(num_negatives=8), n, torch.Generator().manual_seed(0), warm)
+    assert len(asked) == 1 and torch.equal(asked[0], warm)
