@@ -104,7 +104,7 @@ def summary_table(m: dict) -> str:
     if cold.get("items"):
         lines.append(f"cold items held out of training: {cold['items']:,} ({cold['events']:,} events removed from "
                      f"inputs; {cold['test_targets']:,} cold test targets; {cold['valid_targets_dropped']:,} "
-                     "validation targets dropped)")
+                     "validation targets dropped; the table counts what is used, after these removals)")
     lines += [f"note: {n}" for n in m["notes"]]
     return "\n".join(lines)
 

@@ -87,13 +87,19 @@ def _split_users(enc: dict, cfg: ShardConfig) -> tuple[list[tuple[int, int, int]
                        dropped_short_user_events=dropped_events)
 
 
-def _counts(enc: dict, spans: list, short: dict, ds: Dataset) -> dict:
+def _counts(enc: dict, spans: list, short: dict, ds: Dataset, cold: np.ndarray) -> dict:
+    """Counts of what the loader will use: the split counts come after the cold-item rule (cold events
+    leave the training inputs, a cold validation target drops that user's validation example)."""
     seq, domains = enc["seq"], enc["domains"]
     kept = np.concatenate([np.arange(s, e) for _, s, e in spans]) if spans else np.zeros(0, np.int64)
     lengths = np.array([e - s for _, s, e in spans])
     is_eval = lengths >= MIN_EVENTS_FOR_EVAL
+    train_pos = np.concatenate([np.arange(s, e - 2 * ok) for (_, s, e), ok in zip(spans, is_eval)]) \
+        if spans else np.zeros(0, np.int64)
     valid_pos = np.array([e - 2 for (_, s, e), ok in zip(spans, is_eval) if ok], dtype=np.int64)
     test_pos = np.array([e - 1 for (_, s, e), ok in zip(spans, is_eval) if ok], dtype=np.int64)
+    train_pos = train_pos[~np.isin(seq[schema.ROW_ITEM, train_pos], cold)]
+    valid_pos = valid_pos[~np.isin(seq[schema.ROW_ITEM, valid_pos], cold)]
     per_domain = {}
     for d, name in enumerate(domains):
         in_d = seq[schema.ROW_DOMAIN, kept] == d
@@ -105,8 +111,7 @@ def _counts(enc: dict, spans: list, short: dict, ds: Dataset) -> dict:
     return dict(
         users=len(spans), items=len(enc["items"]), events=int(len(kept)),
         search_events=int((seq[schema.ROW_QUERY, kept] > 0).sum()),
-        split=dict(train_events=int(len(kept) - 2 * is_eval.sum()), valid_targets=int(is_eval.sum()),
-                   test_targets=int(is_eval.sum())),
+        split=dict(train_events=len(train_pos), valid_targets=len(valid_pos), test_targets=len(test_pos)),
         length=dict(min=int(lengths.min()) if len(lengths) else 0,
                     max=int(lengths.max()) if len(lengths) else 0,
                     mean=round(float(lengths.mean()), 3) if len(lengths) else 0.0),
@@ -159,8 +164,8 @@ def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
         shards = [_write_one_shard(tmp / f"shard-{i:05d}.tar", g, enc)
                   for i, g in enumerate(tqdm(groups, desc="writing shards", unit="shard", disable=not progress))]
         _write_catalog(tmp / "catalog.jsonl.gz", enc, ds)
-        counts, per_domain = _counts(enc, spans, short, ds)
         cold = _cold_items(len(enc["items"]), cfg)
+        counts, per_domain = _counts(enc, spans, short, ds, cold)
         counts["cold"] = _cold_counts(enc, spans, cold)
         manifest = _manifest(ds, enc, counts, per_domain, shards, cfg, cold)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")

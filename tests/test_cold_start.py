@@ -38,6 +38,15 @@ def test_cold_items_never_reach_training_or_validation(cold_shards):
     assert n_cold_targets == manifest["counts"]["cold"]["test_targets"] > 0
 
 
+def test_manifest_split_counts_are_what_the_loader_uses(cold_shards):
+    # before: valid targets and train events were counted before the cold drop (numbers never used)
+    split = load_manifest(cold_shards)["counts"]["split"]
+    read = lambda name: list(read_shards(cold_shards, name, LoaderConfig(num_workers=0), shuffle=False))
+    assert split["valid_targets"] == len(read("valid"))
+    assert split["test_targets"] == len(read("test"))
+    assert split["train_events"] == sum(ex["history"].shape[1] for ex in read("train"))
+
+
 def test_cut_for_split_removes_cold_events_after_cutting():
     seq = np.array([[5, 7, 5, 9, 7, 3]] + [[0] * 6] * 4)  # items; other rows unused here
     cold = np.array([7])
