@@ -48,7 +48,13 @@ class _SmallTableGather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (idx,) = ctx.saved_tensors
-        g = torch.bincount(idx.reshape(-1), weights=grad.reshape(-1).to(torch.float64), minlength=ctx.n)
+        w = grad.reshape(-1).to(torch.float64)
+        if idx.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # weighted bincount on CUDA has no deterministic kernel (it raises in deterministic mode);
+            # index_add_ on CUDA is among the ops torch makes deterministic in that mode (its docs)
+            g = torch.zeros(ctx.n, dtype=torch.float64, device=idx.device).index_add_(0, idx.reshape(-1), w)
+        else:
+            g = torch.bincount(idx.reshape(-1), weights=w, minlength=ctx.n)
         return g.to(grad.dtype), None
 
 

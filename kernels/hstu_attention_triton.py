@@ -55,12 +55,16 @@ Outputs are stored in the input dtype; bias gradients in the table's dtype.
 
 Checked without a GPU: the interpreter tests (tests/test_hstu_attention_triton.py), and every autotune
 config compiled for sm_90 with ptxas reporting spills (configs that spilled > ~100 B a thread dropped).
-Not yet run on a GPU.
+Not yet run on a GPU, so kernels/hstu_attention.py's backend="auto" does not pick these kernels; the
+proof is `python bench/kernels.py --parity-only` and `pytest -m gpu tests/test_hstu_attention_triton.py`.
 
 Tuning: on CUDA each kernel is autotuned with keys bucketed to powers of two (batch size, max_len), so a
-new jagged length mix does not re-tune. Under TRITON_INTERPRET=1 (tests on CPU) there is no autotune and
-one fixed config with large blocks (the interpreter's cost scales with programs x loop steps).
-TRITON_INTERPRET=1 must be set before triton is first imported in the process, not only before this module.
+new jagged length mix does not re-tune. In deterministic mode (torch.use_deterministic_algorithms(True))
+nothing is autotuned: each kernel runs one config pinned per key (_pinned_row), so every process sums in
+the same order (see the comment there). Under TRITON_INTERPRET=1 (tests on CPU) there is no autotune and
+one fixed config with large blocks (the interpreter's cost scales with programs x loop steps), or the
+pinned one in deterministic mode. TRITON_INTERPRET=1 must be set before triton is first imported in the
+process, not only before this module.
 """
 from __future__ import annotations
 
@@ -420,7 +424,7 @@ def _bwd_dkdv_kernel(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Launch configs: autotuned on CUDA, one fixed config under the interpreter
+# Launch configs: autotuned on CUDA, pinned in deterministic mode, one fixed config under the interpreter
 # --------------------------------------------------------------------------------------------------------
 
 # autotune keys: batch size and max_len bucketed to powers of two, so a new length mix does not re-tune
@@ -434,39 +438,86 @@ def _configs(rows) -> list[triton.Config]:
 
 # Candidates chosen by compiling for sm_90 (bf16, both biases, targets) and reading ptxas' spill bytes a
 # thread: configs that spilled more than ~100 B are left out (e.g. fwd 64x64 at 4 warps: 304 B; at 8: 8 B).
-_FWD_CONFIGS = _configs([(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2),
-                         (128, 64, 8, 3)])
-_DQ_CONFIGS = _configs([(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 3)])
+# (BLOCK_M, BLOCK_N, warps, stages)
+_FWD_ROWS = [(64, 64, 8, 2), (64, 64, 8, 3), (64, 32, 4, 2), (32, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 3)]
+_DQ_ROWS = [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2), (64, 32, 8, 3)]
 # (BLOCK_M, BLOCK_N, BLOCK_BIN, warps, stages). The one-hot histogram tile (BM, BN, BLOCK_BIN) is what
 # spills: 32x32x8 at 8 warps 0 B, 32x32x16 at 4 warps 1256 B, 64x64x4 at 4 warps 2200 B. 64x64 is for the
 # frozen-bias case (no histogram; 48 B at 8 warps).
-_DKDV_CONFIGS = _configs([(32, 32, 8, 8, 2), (32, 32, 4, 4, 2), (32, 32, 8, 4, 2), (32, 64, 8, 8, 2),
-                          (64, 64, 4, 8, 2), (64, 32, 4, 8, 2)])
+_DKDV_ROWS = [(32, 32, 8, 8, 2), (32, 32, 4, 4, 2), (32, 32, 8, 4, 2), (32, 64, 8, 8, 2), (64, 64, 4, 8, 2),
+              (64, 32, 4, 8, 2)]
+
+# Deterministic mode (torch.are_deterministic_algorithms_enabled(), which train.deterministic=true turns
+# on): no autotune, one config per kernel and shape bucket. Autotune keeps whichever candidate timed
+# fastest in this process, and timings are noisy, so two processes (two ranks, a rerun) can pick another
+# BLOCK_N / warps for the same key: another key-block order in the O / dQ / dK / dV sums and another split
+# of the bias-gradient histograms. The fp32 accumulators then differ at ~1e-7 relative, enough to flip the
+# last bit of a bf16 output (2^-8 = 0.4% relative). A pinned config is a function of the key alone, so
+# every process sums in the same order (torch.empty then fills O / dQ / dK / dV with NaN first, torch's
+# deterministic-mode default: a memset, and a check that every element is written). The choice is untimed
+# (no GPU run yet; bench/kernels.py prints autotune's pick per key, to revise this with):
+#  - the candidate with the largest tiles (fewest programs and loop steps) among the (nearly) spill-free:
+#    fwd / dq 64x64 at 8 warps (fwd: 8 B a thread, vs 304 B at 4 warps); dkdv 32x32x8 at 8 warps (0 B)
+#    when a bias needs a gradient (the one-hot histogram tile), 64x64 at 8 warps (48 B) when none does;
+#  - buckets of max_len <= 32: fwd / dq 32-row query blocks (32x64 at 4 warps), since 64-row blocks there
+#    compute >= 50% padding rows.
+def _pinned_row(name: str, const: dict) -> tuple:
+    """The (BLOCK_M, BLOCK_N[, BLOCK_BIN], warps, stages) row of _FWD/_DQ/_DKDV_ROWS that kernel `name`
+    runs in deterministic mode, from its constexprs / autotune key (`const`) alone."""
+    if name == "dkdv":
+        return (32, 32, 8, 8, 2) if const["GRAD_POS"] or const["GRAD_TIME"] else (64, 64, 4, 8, 2)
+    return (32, 64, 4, 2) if const["AUTOTUNE_MAX_LEN"] <= 32 else (64, 64, 8, 2)
 
 
-def _min_block_n() -> int:
-    """Smallest BLOCK_N the dkdv kernel may run with: sizes the bias-gradient buffers (a row per program)."""
+def _fixed_config(name: str, const: dict) -> dict | None:
+    """Launch meta-parameters (BLOCK_*, num_warps, num_stages) when no autotune runs: the pinned config
+    in deterministic mode (under the interpreter too, so CPU tests run this path; it ignores warps and
+    stages), else the interpreter's fixed one; None = autotune. Read at every launch, since the mode can
+    change between calls."""
+    if torch.are_deterministic_algorithms_enabled():
+        row = _pinned_row(name, const)
+        return {**dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_BIN"), row[:-2])), "num_warps": row[-2],
+                "num_stages": row[-1]}
     if INTERPRET:
-        return INTERPRET_CONFIG["BLOCK_N"]
-    return min(c.kwargs["BLOCK_N"] for c in _DKDV_CONFIGS)
+        keys = ("BLOCK_M", "BLOCK_N", "BLOCK_BIN") if name == "dkdv" else ("BLOCK_M", "BLOCK_N")
+        return {k: INTERPRET_CONFIG[k] for k in keys}
+    return None
 
+
+# Smallest BLOCK_N autotune may pick for dkdv: sizes the bias-gradient buffers (a row per program).
+_MIN_TUNED_BLOCK_N = min(r[1] for r in _DKDV_ROWS)
 
 if not INTERPRET:
-    _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_KEYS)(_fwd_kernel)
-    _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_KEYS)(_bwd_dq_kernel)
-    # reset_to_zero: each benchmarked config must start from zeroed partial histograms
-    _dkdv_tuned = triton.autotune(configs=_DKDV_CONFIGS, key=[*_KEYS, "GRAD_POS", "GRAD_TIME", "P_PAD", "T_PAD"],
-                                  reset_to_zero=["D_POS", "D_TIME"])(_bwd_dkdv_kernel)
+    _TUNED = {
+        "fwd": triton.autotune(configs=_configs(_FWD_ROWS), key=_KEYS)(_fwd_kernel),
+        "dq": triton.autotune(configs=_configs(_DQ_ROWS), key=_KEYS)(_bwd_dq_kernel),
+        # reset_to_zero: each benchmarked config must start from zeroed partial histograms
+        "dkdv": triton.autotune(configs=_configs(_DKDV_ROWS), key=[*_KEYS, "GRAD_POS", "GRAD_TIME", "P_PAD", "T_PAD"],
+                                reset_to_zero=["D_POS", "D_TIME"])(_bwd_dkdv_kernel),
+    }
 
 
-def _launch(kernel, tuned, n_blocks, bh, args, const):
-    """kernel[(n_blocks(config), bh)](*args): an autotuned config on CUDA, the fixed one under the interpreter.
+def autotune_picks() -> list[dict]:
+    """What autotune chose in this process, per kernel and key, next to what deterministic mode pins for
+    that key: [{"kernel", "key", "autotuned", "pinned"}], configs as rows of _FWD/_DQ/_DKDV_ROWS. Empty
+    under the interpreter. bench/kernels.py reports it, to revise _pinned_row with measured picks."""
+    picks = []
+    for name, tuner in ({} if INTERPRET else _TUNED).items():
+        for key, cfg in tuner.cache.items():
+            named = dict(zip(tuner.keys, key))
+            blocks = [cfg.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_BIN") if k in cfg.kwargs]
+            picks.append({"kernel": name, "key": named, "autotuned": (*blocks, cfg.num_warps, cfg.num_stages),
+                          "pinned": _pinned_row(name, named)})
+    return picks
+
+
+def _launch(name, kernel, cfg, n_blocks, bh, args, const):
+    """kernel[(n_blocks(config), bh)](*args): with cfg (from _fixed_config) as given, else autotuned.
     n_blocks(config) -> row (BLOCK_M) or column (BLOCK_N) blocks covering max_len for that config."""
-    if INTERPRET:
-        cfg = {k: v for k, v in INTERPRET_CONFIG.items() if k in kernel.arg_names}
+    if cfg is not None:
         kernel[(n_blocks(cfg), bh)](*args, **const, **cfg)
     else:
-        tuned[lambda meta: (n_blocks(meta), bh)](*args, **const)
+        _TUNED[name][lambda meta: (n_blocks(meta), bh)](*args, **const)
 
 
 def _next_pow2(x: int) -> int:
@@ -518,7 +569,7 @@ class _HSTUAttention(torch.autograd.Function):
         if q.shape[0] == 0:
             return o
         ptrs, scalars, const = _shared_args(q, v, pos_bias, time_bias, offsets, ts_q, ts_k, num_targets, meta)
-        _launch(_fwd_kernel, None if INTERPRET else _fwd_tuned,
+        _launch("fwd", _fwd_kernel, _fixed_config("fwd", const),
                 lambda c: triton.cdiv(meta["max_len"], c["BLOCK_M"]), meta["bh"],
                 [q, k, v, o, *ptrs, *_rows(q), *_rows(k), *_rows(v), *_rows(o), *scalars], const)
         return o
@@ -530,22 +581,24 @@ class _HSTUAttention(torch.autograd.Function):
         grad_pos = pos_bias is not None and ctx.needs_input_grad[3]
         grad_time = time_bias is not None and ctx.needs_input_grad[4]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ptrs, scalars, const = _shared_args(q, v, pos_bias, time_bias, offsets, ts_q, ts_k, num_targets, meta)
+        const_kv = {**const, "GRAD_POS": grad_pos, "GRAD_TIME": grad_time, "P_PAD": _next_pow2(meta["P"]),
+                    "T_PAD": _next_pow2(meta["T"])}
+        cfg_kv = _fixed_config("dkdv", const_kv)
         # per-program partial histograms, one row per dkdv program (B*H per column block), zero where a
-        # program exits early: (programs, P) and (programs, T) fp32
-        rows = triton.cdiv(meta["max_len"], _min_block_n()) * meta["bh"]
+        # program exits early: (programs, P) and (programs, T) fp32. Autotune sizes them for its smallest
+        # BLOCK_N, so the shape (and the .sum(0) order below) does not depend on the config it picks.
+        block_n = cfg_kv["BLOCK_N"] if cfg_kv is not None else _MIN_TUNED_BLOCK_N
+        rows = triton.cdiv(meta["max_len"], block_n) * meta["bh"]
         d_pos = torch.zeros((rows if grad_pos else 1, meta["P"]), dtype=torch.float32, device=q.device)
         d_time = torch.zeros((rows if grad_time else 1, meta["T"]), dtype=torch.float32, device=q.device)
         if q.shape[0] > 0:
             do = do if do.stride(-1) == 1 else do.contiguous()  # (L, H, dv)
-            ptrs, scalars, const = _shared_args(q, v, pos_bias, time_bias, offsets, ts_q, ts_k, num_targets,
-                                                meta)
             strides = [*_rows(q), *_rows(k), *_rows(v), *_rows(do)]
-            _launch(_bwd_dq_kernel, None if INTERPRET else _dq_tuned,
+            _launch("dq", _bwd_dq_kernel, _fixed_config("dq", const),
                     lambda c: triton.cdiv(meta["max_len"], c["BLOCK_M"]), meta["bh"],
                     [q, k, v, do, dq, *ptrs, *strides, *_rows(dq), *scalars], const)
-            const_kv = {**const, "GRAD_POS": grad_pos, "GRAD_TIME": grad_time, "P_PAD": _next_pow2(meta["P"]),
-                        "T_PAD": _next_pow2(meta["T"])}
-            _launch(_bwd_dkdv_kernel, None if INTERPRET else _dkdv_tuned,
+            _launch("dkdv", _bwd_dkdv_kernel, cfg_kv,
                     lambda c: triton.cdiv(meta["max_len"], c["BLOCK_N"]), meta["bh"],
                     [q, k, v, do, dk, dv, d_pos, d_time, *ptrs, *strides, *_rows(dk), *_rows(dv), *scalars],
                     const_kv)

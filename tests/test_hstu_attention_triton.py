@@ -10,6 +10,11 @@ a script with the variable set. The child computes each check's numbers and writ
 tests here compare the numbers with the tolerances below. Nothing in this process imports triton.
 
 By hand (prints the JSON):  TRITON_INTERPRET=1 python tests/test_hstu_attention_triton.py [CHECK ...]
+
+The `gpu`-marked tests at the end run the compiled kernels on CUDA in this process (skipped without CUDA,
+which is only asked for inside the tests): parity on the awkward shapes above, and bitwise-repeatable
+backward, within a process and, in deterministic mode, across processes. `pytest -m gpu` on a GPU machine
+is, with `python bench/kernels.py --parity-only`, the proof kernels/hstu_attention.py's "auto" waits for.
 """
 from __future__ import annotations
 
@@ -34,6 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-4, 1e-5
 # bf16: the kernel's max-abs error vs fp64 may be at most this multiple of the bf16 reference's own error
 BF16_FWD_FACTOR, BF16_BWD_FACTOR = 2.0, 5.0
+# fp32 on CUDA (not measured yet: no GPU run), per tensor: max |err| <= GPU_ATOL + GPU_RTOL * max |ref|, the
+# rule of bench/kernels.py's parity table. fp32 matmuls run as 3xTF32 there (~2^-21 relative a product, 8x
+# fp32's; TF32 is switched off for these tests); 5e-4 is 150x the interpreter's worst max|err| / max|ref|
+# (3.4e-6) and still ~100x below what a wrong mask, bias bucket or block boundary gives (>= 5e-2).
+GPU_RTOL, GPU_ATOL = 5e-4, 1e-5
 
 # Cases: jagged lengths include empty and length-1 sequences and lengths that are not multiples of the
 # block; blocks = the interpreter's (BLOCK_M, BLOCK_N, BLOCK_BIN), small so short sequences still cross
@@ -153,6 +163,23 @@ def max_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max()) if got.numel() else 0.0
 
 
+def empty_batches(tri, device: str = "cpu") -> list:
+    """L == 0 (no sequences, or only empty ones): (0, H, dv) output and empty gradients -> per batch
+    [out shape, dq shape, dv shape, sum |bias gradients|]."""
+    shapes = []
+    for offsets in ([0], [0, 0, 0]):
+        q = torch.zeros(0, 2, 25, device=device, requires_grad=True)
+        v = torch.zeros(0, 2, 50, device=device, requires_grad=True)
+        pb = torch.zeros(8, device=device, requires_grad=True)
+        tb = torch.zeros(16, device=device, requires_grad=True)
+        ts = torch.zeros(0, dtype=torch.int64, device=device)
+        out = tri.hstu_attention_triton(q, q, v, torch.tensor(offsets, device=device), max_len=0, pos_bias=pb,
+                                        time_bias=tb, ts_q=ts, ts_k=ts)
+        gq, gv, gpb, gtb = torch.autograd.grad(out.sum(), [q, v, pb, tb])
+        shapes.append([list(out.shape), list(gq.shape), list(gv.shape), float(gpb.abs().sum() + gtb.abs().sum())])
+    return shapes
+
+
 # --------------------------------------------------------------------------------------------------------
 # The child process: every kernel call happens here
 # --------------------------------------------------------------------------------------------------------
@@ -203,20 +230,40 @@ def _child_checks() -> dict:
             equal.update({f"{dtype}/{n}": bool(torch.equal(a[n], b[n])) for n in a})
         return equal
 
-    def empty(tri):
-        """L == 0 (no sequences, or only empty ones): (0, H, dv) output and empty gradients."""
-        shapes = []
-        for offsets in ([0], [0, 0, 0]):
-            q = torch.zeros(0, 2, 25, requires_grad=True)
-            v = torch.zeros(0, 2, 50, requires_grad=True)
-            pb = torch.zeros(8, requires_grad=True)
-            tb = torch.zeros(16, requires_grad=True)
-            ts = torch.zeros(0, dtype=torch.int64)
-            out = tri.hstu_attention_triton(q, q, v, torch.tensor(offsets), max_len=0, pos_bias=pb, time_bias=tb,
-                                            ts_q=ts, ts_k=ts)
-            gq, gv, gpb, gtb = torch.autograd.grad(out.sum(), [q, v, pb, tb])
-            shapes.append([list(out.shape), list(gq.shape), list(gv.shape), float(gpb.abs().sum() + gtb.abs().sum())])
-        return shapes
+    def pinned(tri):
+        """Deterministic mode: the configs launched are the pinned ones (32x32x8 dkdv with bias gradients,
+        64x64 with frozen biases, 32-row fwd / dq blocks for max_len <= 32), each one of the spill-checked
+        candidates, and the results match the reference, bitwise equal over two runs. (Deterministic mode
+        fills torch.empty with NaN, so this also shows every output element is written.)"""
+        rows = {"fwd": tri._FWD_ROWS, "dq": tri._DQ_ROWS, "dkdv": tri._DKDV_ROWS}
+        keys = [{"AUTOTUNE_MAX_LEN": m, "GRAD_POS": g, "GRAD_TIME": t}
+                for m in (1, 16, 32, 64, 8192) for g in (False, True) for t in (False, True)]
+        out = {"candidates": all(tri._pinned_row(n, c) in rows[n] for n in rows for c in keys)}
+        launched, fixed = [], tri._fixed_config
+
+        def recording(name, const):  # _launch's callers look _fixed_config up in the module at each call
+            launched.append((name, fixed(name, const)))
+            return launched[-1][1]
+
+        tri._fixed_config = recording
+        short = dict(lengths=[17, 0, 1, 32, 5], H=2, dqk=25, dv=50, bias="both", targets="few", nbl=True)
+        torch.use_deterministic_algorithms(True)
+        try:
+            for label, case in (("bias_grads", FP32_CASES["d25_both_few_len"]),
+                                ("frozen", FP32_CASES["d50_views_frozen_bias"]), ("short", short)):
+                launched.clear()
+                x = make_inputs(case, seed=11)
+                max_len = max(case["lengths"]) + case.get("max_len_extra", 0)
+                a, b = (forward_backward(tri.hstu_attention_triton, x, case, torch.float32, torch.float32,
+                                         max_len=max_len) for _ in range(2))
+                want = forward_backward(hstu_attention_ref, x, case, torch.float64, torch.float64)
+                out[label] = {"ratio": max(tolerance_ratio(a[n], want[n]) for n in want),
+                              "equal": all(torch.equal(a[n], b[n]) for n in a),
+                              "launched": sorted({(n, tuple(c.values())) for n, c in launched})}
+        finally:
+            torch.use_deterministic_algorithms(False)
+            tri._fixed_config = fixed
+        return out
 
     def public_entry(tri):
         """hstu_attention(backend="triton") routes here (max_len computed from offsets) and matches the ref."""
@@ -295,8 +342,8 @@ def _child_checks() -> dict:
 
     checks = {f"fp32/{n}": fp32(n, c) for n, c in FP32_CASES.items()}
     checks.update({f"bf16/{n}": bf16(n, c) for n, c in BF16_CASES.items()})
-    checks.update(deterministic=deterministic, empty=empty, public_entry=public_entry, split_ts=split_ts,
-                  time_boundaries=time_boundaries, model_step=model_step)
+    checks.update(deterministic=deterministic, pinned=pinned, empty=empty_batches, public_entry=public_entry,
+                  split_ts=split_ts, time_boundaries=time_boundaries, model_step=model_step)
     return checks
 
 
@@ -365,6 +412,18 @@ def test_backward_is_bitwise_deterministic(results):
     assert len(equal) == 12 and all(equal.values()), equal
 
 
+def test_deterministic_mode_runs_pinned_configs(results):
+    r = _get(results, "pinned")
+    assert r["candidates"] is True, "a pinned config is not among the spill-checked autotune candidates"
+    # (kernel, (BLOCK_M, BLOCK_N[, BLOCK_BIN], warps, stages)) as launched
+    want = {"bias_grads": [["dkdv", [32, 32, 8, 8, 2]], ["dq", [64, 64, 8, 2]], ["fwd", [64, 64, 8, 2]]],
+            "frozen": [["dkdv", [64, 64, 4, 8, 2]], ["dq", [64, 64, 8, 2]], ["fwd", [64, 64, 8, 2]]],
+            "short": [["dkdv", [32, 32, 8, 8, 2]], ["dq", [32, 64, 4, 2]], ["fwd", [32, 64, 4, 2]]]}
+    for label, launched in want.items():
+        assert r[label]["launched"] == launched, (label, r[label]["launched"])
+        assert r[label]["ratio"] <= 1.0 and r[label]["equal"], (label, r[label])
+
+
 def test_kernels_use_no_atomics():
     """Determinism on GPU rests on this: no tl.atomic_* anywhere (the interpreter would run them in order)."""
     src = (ROOT / "kernels" / "hstu_attention_triton.py").read_text()
@@ -405,8 +464,182 @@ def test_time_buckets_match_reference_at_boundaries(results):
     assert sum(g != w for _, g, w, _ in rows) <= len(rows) // 20
 
 
+# --------------------------------------------------------------------------------------------------------
+# Dispatch (this process, no triton, no GPU: only a device's type is read)
+# --------------------------------------------------------------------------------------------------------
+
+def test_auto_resolves_to_ref_on_cuda_unless_triton_is_explicit(monkeypatch, capsys):
+    from kernels import hstu_attention as entry
+    monkeypatch.setattr(entry, "triton_available", lambda: True)  # a CUDA machine with Triton, faked
+    entry._warn_auto_ref_on_cuda.cache_clear()
+    entry._warn_ref_on_cuda.cache_clear()
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # device objects only: nothing touches CUDA
+    assert [entry.resolve_backend("auto", cuda) for _ in range(3)] == ["ref"] * 3
+    assert entry.resolve_backend("triton", cuda) == "triton"
+    assert entry.resolve_backend("auto", cpu) == "ref" and entry.resolve_backend("triton", cpu) == "triton"
+    err = capsys.readouterr().err
+    assert err.count("WARNING") == 1, err  # once per process, however many calls
+    for why in ("never run on a GPU", "model.attention_backend=triton", "python bench/kernels.py --parity-only"):
+        assert why in err, (why, err)
+    # the switch for after a GPU run proves the kernels: auto = triton where usable, else ref (said once)
+    monkeypatch.setattr(entry, "AUTO_PICKS_TRITON", True)
+    assert entry.resolve_backend("auto", cuda) == "triton" and entry.resolve_backend("auto", cpu) == "ref"
+    monkeypatch.setattr(entry, "triton_available", lambda: False)
+    assert entry.resolve_backend("auto", cuda) == "ref"
+    assert "Triton unavailable" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------
+# On CUDA (compiled kernels, this process; `pytest -m gpu`)
+# --------------------------------------------------------------------------------------------------------
+
+# awkward jagged shapes: empty and length-1 sequences, head dims 25 / 50 (padded to 32 / 64), targets, both
+# norms, strided views, frozen biases; "long" crosses several blocks of every autotune candidate
+GPU_CASES = {n: FP32_CASES[n] for n in ("d25_both_few_len", "d50x25_both_many_len", "d64x32_none_causal_len",
+                                        "d32x50_time_few_const", "d50_views_frozen_bias")}
+GPU_CASES["long_d50_both_few"] = dict(lengths=[300, 0, 1, 129, 64, 1, 257, 2], H=2, dqk=50, dv=50, bias="both",
+                                      targets="few", nbl=True)
+
+
+@pytest.fixture(scope="module")
+def cuda_tri():
+    """The compiled kernel module on CUDA with TF32 off (fp32 matmuls as 3xTF32); skips without CUDA."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    if importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs triton, compiled (TRITON_INTERPRET unset)")
+    from kernels import hstu_attention_triton as tri
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield tri
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _on(x: dict, device: str) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+
+
+def gpu_inputs(case: dict, seed: int) -> dict:
+    """make_inputs with query times re-drawn clear of time-bucket boundaries (ill-conditioned pairs, where the
+    interpreter's, CUDA's and torch's fp32 logs may pick neighbouring buckets: one at ln(dt)/0.301 =
+    58.9999994 in "long_d50_both_few" at seed 17 put two rows 8e-3 off), on CUDA."""
+    from bench.kernels import clear_time_boundaries
+    x = make_inputs(case, seed=seed)
+    x["ts_q"] = clear_time_boundaries(x["ts_q"], x["ts_k"], case["lengths"], 60, torch.Generator().manual_seed(seed))
+    return _on(x, "cuda")
+
+
+def _gpu_run(tri, case: dict, dtype, seed: int) -> dict:
+    x = gpu_inputs(case, seed)
+    return forward_backward(tri.hstu_attention_triton, x, case, dtype, dtype,
+                            max_len=max(case["lengths"]) + case.get("max_len_extra", 0))
+
+
+def _gpu_fp32_failures(got: dict, want: dict) -> dict:
+    """name -> (max |err|, tolerance) of each tensor beyond GPU_ATOL + GPU_RTOL * max |ref|."""
+    assert got.keys() == want.keys(), (sorted(got), sorted(want))
+    rows = {n: (max_err(got[n], want[n]), GPU_ATOL + GPU_RTOL * (float(want[n].abs().max()) if want[n].numel() else 0))
+            for n in want}
+    return {n: r for n, r in rows.items() if not r[0] <= r[1]}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_fp32_matches_reference(cuda_tri, name):
+    from kernels.hstu_attention_ref import hstu_attention_ref
+    case = GPU_CASES[name]
+    got = _gpu_run(cuda_tri, case, torch.float32, seed=len(name))
+    want = forward_backward(hstu_attention_ref, gpu_inputs(case, len(name)), case, torch.float64, torch.float64)
+    bad = _gpu_fp32_failures(got, want)
+    assert not bad, f"(max |err|, tolerance) beyond {GPU_ATOL} + {GPU_RTOL} max|ref|: {bad}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(BF16_CASES))
+def test_gpu_bf16_error_within_reference_error(cuda_tri, name):
+    from kernels.hstu_attention_ref import hstu_attention_ref
+    case = BF16_CASES[name]
+    x = gpu_inputs(case, len(name))
+    exact = forward_backward(hstu_attention_ref, x, case, torch.float64, torch.float64)
+    ref16 = forward_backward(hstu_attention_ref, x, case, torch.bfloat16, torch.bfloat16)
+    tdt = torch.bfloat16 if case["table_dtype"] == "bf16" else torch.float32
+    tri16 = forward_backward(cuda_tri.hstu_attention_triton, x, case, torch.bfloat16, tdt, max_len=max(case["lengths"]))
+    for n in exact:
+        factor = BF16_FWD_FACTOR if n == "out" else BF16_BWD_FACTOR
+        k, r = max_err(tri16[n], exact[n]), max_err(ref16[n], exact[n])
+        assert k <= factor * r, f"{n}: kernel {k:.3g} vs bf16 ref {r:.3g} (x{factor})"
+
+
+@pytest.mark.gpu
+def test_gpu_empty_batches(cuda_tri):
+    for out_shape, gq_shape, gv_shape, bias_grad_sum in empty_batches(cuda_tri, "cuda"):
+        assert out_shape == [0, 2, 50] and gq_shape == [0, 2, 25] and gv_shape == [0, 2, 50]
+        assert bias_grad_sum == 0.0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_gpu_backward_bitwise_repeatable(cuda_tri, dtype):
+    """Backward twice autotuned (the config cached in this process), then twice in deterministic mode
+    (pinned configs): each pair equal bit for bit; the pinned path also within tolerance of the ref.
+    (Autotuned vs pinned need not agree bitwise: autotune may pick another block order.)"""
+    from kernels.hstu_attention_ref import hstu_attention_ref
+    case = FP32_CASES["d25_both_few_len"]
+    a, b = (_gpu_run(cuda_tri, case, dtype, seed=7) for _ in range(2))
+    torch.use_deterministic_algorithms(True)
+    try:
+        c, d = (_gpu_run(cuda_tri, case, dtype, seed=7) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [n for n in a if not torch.equal(a[n], b[n])] == [], "autotuned backward not repeatable"
+    assert [n for n in c if not torch.equal(c[n], d[n])] == [], "deterministic-mode backward not repeatable"
+    if dtype == torch.float32:
+        want = forward_backward(hstu_attention_ref, gpu_inputs(case, 7), case, torch.float64, torch.float64)
+        assert not _gpu_fp32_failures(c, want)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_mode_same_bits_across_processes(cuda_tri, tmp_path):
+    """What pinning is for: two fresh processes (as two ranks or a rerun) in deterministic mode give the
+    same gradient bits, Triton (fp32, bf16) and reference (fp32) backends. Each child: this file with
+    --cuda-grads (see _cuda_grads_main)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    runs = []
+    for i in range(2):
+        path = tmp_path / f"grads{i}.pt"
+        proc = subprocess.run([sys.executable, __file__, "--cuda-grads", str(path)], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, check=False)
+        assert proc.returncode == 0, proc.stderr[-5000:]
+        runs.append(torch.load(path))
+    assert runs[0].keys() == runs[1].keys() and len(runs[0]) == 18  # 3 runs x (out, q, k, v, 2 bias tables)
+    assert [n for n in runs[0] if not torch.equal(runs[0][n], runs[1][n])] == []
+
+
+def _cuda_grads_main(path: str) -> None:
+    """Child of the cross-process test: in deterministic mode, forward + gradients of the kernels (fp32,
+    bf16) and of the reference (fp32) on CUDA -> torch.save(path)."""
+    sys.path.insert(0, str(ROOT))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before CUDA starts: deterministic cuBLAS
+    from kernels import hstu_attention_triton as tri
+    from kernels.hstu_attention_ref import hstu_attention_ref
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.use_deterministic_algorithms(True)
+    case = FP32_CASES["d25_both_few_len"]
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        res.update({f"{dtype}/{n}": t.cpu() for n, t in _gpu_run(tri, case, dtype, seed=5).items()})
+    # the reference too: backend="auto" runs it on CUDA, and its bias-gradient binning must not raise here
+    ref = forward_backward(hstu_attention_ref, gpu_inputs(case, 5), case, torch.float32, torch.float32)
+    res.update({f"ref/{n}": t.cpu() for n, t in ref.items()})
+    torch.save(res, path)
+
+
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args[:1] == ["--cuda-grads"]:
+        _cuda_grads_main(args[1])
+        sys.exit(0)
     out_path = None
     if args[:1] == ["--out"]:
         out_path, args = args[1], args[2:]
