@@ -101,7 +101,8 @@ class ContentConfig:
     max_length: int = 128
     """Token limit per text (longer texts are truncated)."""
     bf16: bool = False
-    """Run the text encoder under bf16 autocast (~3x faster on CPUs with AVX512-BF16; not bitwise equal)."""
+    """Run the text encoder under bf16 autocast (~3x faster on CPUs with AVX512-BF16; not bitwise equal).
+    Ignored, with a warning, on a CPU without native bf16, where emulated bf16 is ~100x slower."""
     cache_dir: str = ".cache/content"
     """Embedding cache, keyed by a hash of the texts + the encoder's files + the settings above."""
     extra_modalities: list[str] = field(default_factory=list)

@@ -12,6 +12,7 @@ import, and a cache hit or `load_content` needs neither.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from configs.hardware import cpu_has_native_bf16
 from configs.schema import ContentConfig
 from data_pipeline.read_shards import load_manifest
 from data_pipeline.schema import DataError
@@ -175,6 +177,10 @@ def embed_texts(texts: list[str], cfg: ContentConfig, progress: bool = True) -> 
                            f"and [SEP]), got {cfg.batch_size} and {cfg.max_length}")
     texts = [str(t) for t in texts]
     path = text_encoder_path(cfg)
+    if cfg.bf16 and not cpu_has_native_bf16():  # emulated bf16: ~100x slower, see configs/hardware.py
+        warnings.warn("content.bf16 is set but this CPU has no native bf16 (avx512_bf16 / amx_bf16): bf16 "
+                      "would be emulated and far slower, so the text encoder runs in fp32")
+        cfg = dataclasses.replace(cfg, bf16=False)
     if not texts:
         hidden = json.loads((path / "config.json").read_text())["hidden_size"]
         return np.zeros((0, hidden), dtype=np.float32)
