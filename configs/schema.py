@@ -74,7 +74,8 @@ class LoaderConfig:
     query_tokens: bool = True
     """Expand a search event into a query token followed by its clicked item token."""
     skip_bad_shards: bool = False
-    """Skip (and count) a corrupt or truncated shard instead of stopping with an error."""
+    """Skip a missing, truncated or corrupt shard instead of stopping with an error. Pretraining checks
+    every shard at start, prints how many it skips and lists them in metrics.json (skipped_shards)."""
     train_through_valid: bool = False
     """Refit protocol: the train split also keeps each user's validation event (history = every event
     but the test one, as in the reference code). Validation is then no longer held out: use it with

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import pytest
 from configs.load import load_config
 from configs.schema import LoaderConfig, PretrainConfig
 from data_pipeline.collate import make_loader
+from data_pipeline.read_shards import ShardError
 from tests.test_pretrain import ROOT, TINY, params, shards, torchrun  # noqa: F401  (shards: the fixture)
 from train.loop import NonFiniteError
 
@@ -128,3 +130,17 @@ def test_kill_9_anywhere_then_resume_equals_an_uninterrupted_run(shards, tmp_pat
     assert a["test"] == b["test"] and a["best_epoch"] == b["best_epoch"]
     pa, pb = params(tmp_path / "straight"), params(run)
     assert all((pa[k] == pb[k]).all() for k in pa)
+
+
+def test_bad_shards_stop_the_run_or_are_skipped_counted_and_reported(shards, tmp_path):
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    victim = sorted(copy.glob("shard-*.tar"))[1]
+    data = bytearray(victim.read_bytes())
+    data[600] ^= 0xFF  # same size, one flipped byte: only the sha256 catches it
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match="1 bad shard"):
+        run_main(copy, tmp_path / "a", ["train.epochs=1"])
+    with pytest.warns(UserWarning, match="skipping"):  # the loader skips it every epoch
+        m = run_main(copy, tmp_path / "b", ["train.epochs=1", "data.skip_bad_shards=true"])
+    assert len(m["skipped_shards"]) == 1 and victim.name in m["skipped_shards"][0]

@@ -20,11 +20,11 @@ from data_pipeline.schema import ROW_ITEM
 from train.evaluate import evaluate
 
 
-def item_counts(shard_dir, num_items: int, all_reduce=lambda t: t) -> np.ndarray:
+def item_counts(shard_dir, num_items: int, all_reduce=lambda t: t, loader: LoaderConfig = LoaderConfig()) -> np.ndarray:
     """(I+1,) occurrences of each item in the training histories (index 0 = padding, always 0). Under
-    several ranks each reads its shard share and `all_reduce` sums them."""
+    several ranks each reads its share and `all_reduce` sums them. `loader`: split rule and bad-shard policy."""
     counts = np.zeros(num_items + 1, dtype=np.int64)
-    for ex in read_shards(shard_dir, "train", LoaderConfig(num_workers=0), shuffle=False):
+    for ex in read_shards(shard_dir, "train", replace(loader, num_workers=0), shuffle=False):
         np.add.at(counts, ex["history"][ROW_ITEM], 1)
     counts[0] = 0
     return all_reduce(torch.from_numpy(counts).double()).long().numpy()
@@ -48,7 +48,7 @@ def popularity_metrics(shard_dir, split: str, loader: LoaderConfig, cfg: EvalCon
                        all_reduce=lambda t: t) -> dict:
     manifest = load_manifest(shard_dir)
     n = manifest["vocab"]["num_items"]
-    model = PopularityModel(item_counts(shard_dir, n, all_reduce))
+    model = PopularityModel(item_counts(shard_dir, n, all_reduce, loader))
     batches = ((b, True) for b in make_loader(shard_dir, split, replace(loader, batch_size=cfg.batch_size),
                                               shuffle=False))
     return evaluate(model, batches, cfg, n, manifest["id_maps"]["domains"], all_reduce=all_reduce,

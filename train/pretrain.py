@@ -12,6 +12,7 @@ HSTU reference code's optimistic protocol, test every epoch, to compare with num
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from dataclasses import replace
@@ -24,7 +25,7 @@ from configs.load import save_config
 from configs.provenance import git_sha
 from configs.schema import PretrainConfig
 from data_pipeline.collate import make_loader
-from data_pipeline.read_shards import cold_items, load_manifest
+from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest
 from model.items import load_item_features
 from model.seqrec import build_model
 from train import engine as E
@@ -77,12 +78,19 @@ def main(cfg: PretrainConfig) -> dict:
         raise ValueError(f"train.select must be 'best_valid', 'last' or 'best_test', got {cfg.train.select!r}")
     select_split = "test" if cfg.train.select == "best_test" else "valid"  # best_test: the reference's protocol
     rank, world = E.setup_distributed()
-    if cfg.train.deterministic:  # deterministic kernels (and the Triton attention's pinned configs)
+    if cfg.train.deterministic:  # deterministic kernels (and the Triton attention's pinned configs); cuBLAS
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # raises in this mode without a fixed workspace
         torch.use_deterministic_algorithms(True)
     dev = E.device()
     seed_everything(cfg.train.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.train.seed * 1000 + rank)  # negatives, per rank
     manifest = load_manifest(cfg.shards)
+    bad_shards = check_shards(cfg.shards, manifest)
+    if bad_shards and not cfg.data.skip_bad_shards:
+        raise ShardError(f"{len(bad_shards)} bad shard(s), first: {bad_shards[0]} (data.skip_bad_shards=true "
+                         "trains without them)")
+    if bad_shards and rank == 0:
+        print(f"warning: skipping {len(bad_shards)} of {len(manifest['shards'])} shards: " + "; ".join(bad_shards))
     num_items = manifest["vocab"]["num_items"]
     cold = torch.from_numpy(cold_items(manifest))  # held out of training: never a negative either
     candidates = None
@@ -155,7 +163,7 @@ def main(cfg: PretrainConfig) -> dict:
                    selected=cfg.train.select, train_through_valid=cfg.data.train_through_valid,
                    test=test, test_generative=test_generative, test_popularity=popularity,
                    train_seconds_this_run=round(train_seconds, 1), exclude_history=cfg.eval.exclude_history,
-                   skipped_steps=state.get("skipped_steps", 0), world_size=world,
+                   skipped_steps=state.get("skipped_steps", 0), skipped_shards=bad_shards, world_size=world,
                    dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
     E.write_json(run_dir / "metrics.json", metrics)
     E.write_json(run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
