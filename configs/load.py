@@ -92,9 +92,13 @@ def _build(cls, data: dict, prefix: str = ""):
                           f"{', '.join(sorted(names))})")
     base = cls()
     kwargs = {}
+    choices = getattr(cls, "CHOICES", {})
     for name in names:
         if name in data:
             kwargs[name] = _convert(prefix + name, data[name], hints[name])
+            if name in choices and kwargs[name] not in choices[name]:
+                raise ConfigError(f"{prefix}{name}: expected one of {', '.join(map(repr, choices[name]))}, "
+                                  f"got {kwargs[name]!r}")
         else:
             kwargs[name] = getattr(base, name)
     return cls(**kwargs)

@@ -1,11 +1,15 @@
 """Typed configuration: one dataclass per concern, a docstring under every field.
 
+`CHOICES` (a class attribute, not a field) lists the allowed values of a field that is one of a few
+strings; the loader refuses anything else with the key and the choices, before any work starts.
+
 The docstrings are not decoration: `configs.load.describe()` reads them (with `ast`) to print `--help`
 for every key, so a field without one is a bug (tests/test_configs.py checks that).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass
@@ -42,6 +46,8 @@ class SyntheticConfig:
 @dataclass
 class ShardConfig:
     """How events become webdataset shards (`data_pipeline.write_shards`)."""
+
+    CHOICES: ClassVar[dict] = {"short_users": ("train", "drop")}
 
     samples_per_shard: int = 500
     """Users per .tar shard. Keep the shard count >= ranks x workers so none sits idle:
@@ -115,6 +121,8 @@ class ContentConfig:
 class SemanticIdConfig:
     """Content vectors -> semantic-ID codes (data_pipeline/semantic_ids.py)."""
 
+    CHOICES: ClassVar[dict] = {"method": ("rq_kmeans", "rqvae"), "fusion": ("concat", "per_modality")}
+
     method: str = "rq_kmeans"
     """'rq_kmeans' (residual k-means, k-means++ init) or 'rqvae' (TIGER's RQ-VAE)."""
     modalities: list[str] = field(default_factory=lambda: ["text"])
@@ -184,6 +192,10 @@ class PrepareConfig:
 class ModelConfig:
     """The sequence encoder: embeddings -> HSTU (or SASRec) blocks -> L2-normalised states."""
 
+    CHOICES: ClassVar[dict] = {"arch": ("hstu", "sasrec"), "layer_variant": ("research", "production"),
+                                 "attention_backend": ("auto", "ref", "triton"),
+                                 "item_repr": ("id", "sid", "id+sid", "id+sid+content")}
+
     arch: str = "hstu"
     """Encoder: 'hstu' (pointwise SiLU attention + relative bias) or 'sasrec' (softmax attention + FFN)."""
     num_layers: int = 2
@@ -235,6 +247,8 @@ class ModelConfig:
 class LossConfig:
     """Next-item retrieval loss at every position with a target (train/losses.py)."""
 
+    CHOICES: ClassVar[dict] = {"kind": ("sampled_softmax", "full_softmax")}
+
     kind: str = "sampled_softmax"
     """'sampled_softmax' (uniform negatives) or 'full_softmax' (the whole catalogue; small catalogues)."""
     num_negatives: int = 128
@@ -254,6 +268,9 @@ class LossConfig:
 @dataclass
 class TrainConfig:
     """Optimisation and the DeepSpeed engine (train/engine.py)."""
+
+    CHOICES: ClassVar[dict] = {"zero_stage": (0, 1, 2, 3), "precision": ("fp32", "bf16"),
+                                 "select": ("best_valid", "last", "best_test"), "nan_policy": ("stop", "skip_step")}
 
     epochs: int = 100
     """Maximum epochs."""
@@ -305,6 +322,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     """Full-ranking evaluation (train/evaluate.py)."""
+
+    CHOICES: ClassVar[dict] = {"exclude_history": ("full", "window", "none")}
 
     batch_size: int = 256
     """Sequences per evaluation batch."""

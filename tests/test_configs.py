@@ -120,3 +120,12 @@ def test_bad_config_file_is_a_config_error(tmp_path):
 def test_bad_override_yaml_is_a_config_error():
     with pytest.raises(ConfigError, match="override 'synthetic.domains=\\[a, b': invalid YAML at line 1"):
         load_config(schema.PrepareConfig, None, ["synthetic.domains=[a, b"])
+
+
+@pytest.mark.parametrize("override,key", [("model.arch=gru", "model.arch"), ("train.select=bestt", "train.select"),
+                                          ("eval.exclude_history=true", "eval.exclude_history"),
+                                          ("train.zero_stage=4", "train.zero_stage")])
+def test_a_value_outside_a_fields_choices_is_refused_at_load(override, key):
+    # before: accepted here and raised (a traceback) only when the model or trainer was built
+    with pytest.raises(ConfigError, match=rf"^{key}: expected one of "):
+        load_config(schema.PretrainConfig, None, [override])

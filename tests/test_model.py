@@ -14,6 +14,7 @@ from data_pipeline.read_shards import load_manifest, read_shards
 from data_pipeline.synthetic import generate
 from data_pipeline.write_shards import write_shards
 from model.seqrec import SeqRecModel, build_model
+from tests.helpers import FixedTableModel
 from train import losses
 
 VARIANTS = [dict(arch="hstu", layer_variant="research"), dict(arch="hstu", layer_variant="production"),
@@ -107,7 +108,7 @@ def test_per_position_logits_match_a_direct_gather_with_repeated_ids():
 @pytest.mark.parametrize("num_items", [5, 5000])  # whole-table path, then the unique() path (P x R < items)
 def test_sampled_softmax_paths_equal_the_formula(num_items):
     torch.manual_seed(0)
-    model = TableModel(torch.randn(num_items + 1, 6, dtype=torch.float64))
+    model = FixedTableModel(table=torch.randn(num_items + 1, 6, dtype=torch.float64), trainable=True)
     states = F.normalize(torch.randn(7, 6, dtype=torch.float64), dim=-1)
     targets = torch.randint(1, num_items + 1, (7,))
     cfg = LossConfig(num_negatives=9)
@@ -119,17 +120,10 @@ def test_sampled_softmax_paths_equal_the_formula(num_items):
     torch.testing.assert_close(logits, want)
 
 
-class TableModel(torch.nn.Module):
-    def __init__(self, table):
-        super().__init__()
-        self.embed = torch.nn.Module()
-        self.embed.item = torch.nn.Embedding.from_pretrained(table, freeze=False)
-
-
 @pytest.mark.parametrize("shared", [False, True])
 def test_sampled_softmax_masks_the_positive_among_negatives(shared):
     torch.manual_seed(0)
-    model = TableModel(torch.randn(4, 6))
+    model = FixedTableModel(table=torch.randn(4, 6), trainable=True)
     states = F.normalize(torch.randn(50, 6), dim=-1)
     targets = torch.randint(1, 4, (50,))
     cfg = LossConfig(num_negatives=64, shared_negatives=shared)
@@ -144,7 +138,7 @@ def test_sampled_softmax_masks_the_positive_among_negatives(shared):
 
 def test_full_softmax_is_cross_entropy_over_the_catalogue():
     torch.manual_seed(0)
-    model = TableModel(torch.randn(6, 4))
+    model = FixedTableModel(table=torch.randn(6, 4), trainable=True)
     states = F.normalize(torch.randn(9, 4), dim=-1)
     logits = losses.full_softmax_logits(states, model, 5)
     emb = F.normalize(model.embed.item.weight, dim=-1)
@@ -154,7 +148,7 @@ def test_full_softmax_is_cross_entropy_over_the_catalogue():
 
 def test_in_batch_logq_correction():
     torch.manual_seed(0)
-    model = TableModel(torch.randn(5, 4))
+    model = FixedTableModel(table=torch.randn(5, 4), trainable=True)
     states = F.normalize(torch.randn(6, 4), dim=-1)
     targets = torch.tensor([1, 1, 1, 2, 3, 3])
     logits, logq, hit = losses.in_batch_logits(states, targets, model)
