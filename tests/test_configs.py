@@ -123,7 +123,7 @@ def test_bad_override_yaml_is_a_config_error():
 
 
 @pytest.mark.parametrize("override,key", [("model.arch=gru", "model.arch"), ("train.select=bestt", "train.select"),
-                                          ("eval.exclude_history=true", "eval.exclude_history"),
+                                          ("eval.exclude_history=all", "eval.exclude_history"),
                                           ("train.zero_stage=4", "train.zero_stage")])
 def test_a_value_outside_a_fields_choices_is_refused_at_load(override, key):
     # before: accepted here and raised (a traceback) only when the model or trainer was built
