@@ -82,6 +82,11 @@ def test_cache_hit_skips_model_and_key_covers_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(content, "load_text_encoder", no_model)
     assert np.array_equal(content.embed_texts(SENTENCES, cfg, progress=False), first)
+    with pytest.warns(UserWarning, match="no native bf16"):  # emulated bf16 is not used: fp32, the same key
+        monkeypatch.setattr(content, "cpu_has_native_bf16", lambda: False)
+        assert np.array_equal(content.embed_texts(SENTENCES, dataclasses.replace(cfg, bf16=True), progress=False),
+                              first)
+    monkeypatch.setattr(content, "cpu_has_native_bf16", lambda: True)
     for changed in (dict(max_length=16), dict(bf16=True)):  # other settings -> other key -> a miss
         with pytest.raises(AssertionError, match="cache hit"):
             content.embed_texts(SENTENCES, dataclasses.replace(cfg, **changed), progress=False)
