@@ -169,17 +169,20 @@ def _seeded_shuffle(bufsize: int, seed: int, epoch: int):
     return stage
 
 
-def _split_for_slot(shared: dict):
-    """Shard dicts (the same order on every rank) -> this slot's shards. Fills `shared` (url -> (S, slot))
-    with the remainder shards, whose samples `_take_slot_samples` then splits."""
+def _split_for_slot(shared: dict, samples: dict[str, int]):
+    """Shard dicts (the same order on every rank) -> this slot's shards. Fills `shared` (url -> (S, slot,
+    offset)) with the remainder shards, whose samples `_take_slot_samples` then deals out; `samples`
+    (url -> sample count, from the manifest) numbers the remainder samples across shards, so they go
+    round-robin over all S slots (with 14 slots and 6 shards of 4, per-shard numbering fed slots 0-3 only)."""
     def stage(src):
         rank, world, worker, workers = wds.utils.pytorch_worker_info()
         slots, slot = world * workers, rank * workers + worker
         shards = list(src)
-        whole = len(shards) - len(shards) % slots
+        whole, offset = len(shards) - len(shards) % slots, 0
         for i, s in enumerate(shards):
             if i >= whole:
-                shared[s["url"]] = (slots, slot)
+                shared[s["url"]] = (slots, slot, offset)
+                offset += samples[s["url"]]
                 yield s
             elif i % slots == slot:
                 yield s
@@ -187,15 +190,15 @@ def _split_for_slot(shared: dict):
 
 
 def _take_slot_samples(shared: dict):
-    """Keep every sample of a whole shard, and sample j of a remainder shard when j % S == slot."""
+    """Keep every sample of a whole shard, and sample j of a remainder shard when (offset + j) % S == slot."""
     def stage(src):
         seen: dict[str, int] = {}
         for sample in src:
             url = sample["__url__"]
             if url in shared:
                 j = seen[url] = seen.get(url, -1) + 1
-                slots, slot = shared[url]
-                if j % slots != slot:
+                slots, slot, offset = shared[url]
+                if (offset + j) % slots != slot:
                     continue
             yield sample
     return stage
@@ -223,9 +226,10 @@ def read_shards(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     shuffle = (split == "train") if shuffle is None else shuffle
     handler = _shard_handler(cfg.skip_bad_shards)
     checksums = {str(Path(shard_dir) / s["name"]): s["sha256"] for s in manifest["shards"]}
+    samples = {str(Path(shard_dir) / s["name"]): s["samples"] for s in manifest["shards"]}
     shared: dict = {}  # remainder shard url -> (slots, slot), filled by _split_for_slot in this worker
     stages = [wds.SimpleShardList(urls, seed=cfg.seed + epoch if shuffle else None),
-              _split_for_slot(shared), _open_verified(checksums, cfg.skip_bad_shards),
+              _split_for_slot(shared, samples), _open_verified(checksums, cfg.skip_bad_shards),
               partial(tar_file_expander, handler=handler), partial(group_by_keys, handler=handler),
               _take_slot_samples(shared), _decode(cfg.skip_bad_shards),
               _to_example(split, cold_items(manifest), cfg.train_through_valid)]
