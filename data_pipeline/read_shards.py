@@ -3,11 +3,12 @@
 Every epoch builds a fresh pipeline from (seed, epoch): the shard order is shuffled identically on every
 rank, then `_split_for_slot` gives each of the S = ranks x workers readers ("slots") its share, so across
 ranks x workers each *sample* is read exactly once per epoch, for any world size (tests/test_loader.py and
-tests/test_multirank.py check the union). Whole shards go round-robin while S divides what is left; the
-last (n mod S) shards are read by every slot, each keeping the samples whose index in the shard is its
-slot mod S. (Splitting shards alone drops or duplicates data when S does not divide the shard count:
-ML-1M's 13 shards on 8 ranks would leave 3 ranks one shard short, and lock-step training stopped them
-all at the shortest.) Cost: the remainder shards are read S times, once per slot (~10 ms per 4 MB).
+tests/test_train_trust.py check the union). Whole shards go round-robin while S divides what is left; the
+last (n mod S) shards are read by every slot, each keeping the samples whose running index over those
+shards is its slot mod S. Splitting whole shards alone leaves ranks unequal (ML-1M's 13 shards on 8 ranks:
+five ranks read two shards, three read one): the old training loop stopped every rank at the shortest and
+dropped the rest; lock-step training (train/loop.py) keeps everything, and this split keeps the ranks'
+step counts within one batch of each other. Cost: the remainder shards are read S times (~10 ms per 4 MB).
 
 A sample here is one user's example for one split, already cut so that nothing beyond the split's
 boundary is visible (see `cut_for_split`): this is the one place that enforces "no validation or test
