@@ -8,7 +8,8 @@ last (n mod S) shards are read by every slot, each keeping the samples whose run
 shards is its slot mod S. Splitting whole shards alone leaves ranks unequal (ML-1M's 13 shards on 8 ranks:
 five ranks read two shards, three read one): the old training loop stopped every rank at the shortest and
 dropped the rest; lock-step training (train/loop.py) keeps everything, and this split keeps the ranks'
-step counts within one batch of each other. Cost: the remainder shards are read S times (~10 ms per 4 MB).
+shares near equal (only the last, shorter shard makes a difference), so few dummy steps are needed.
+Cost: the remainder shards are read S times (~10 ms per 4 MB).
 
 A sample here is one user's example for one split, already cut so that nothing beyond the split's
 boundary is visible (see `cut_for_split`): this is the one place that enforces "no validation or test
