@@ -35,8 +35,9 @@ class NonFiniteError(RuntimeError):
 
 
 def dummy_batch(dev, item: int = 1, seen: bool = False):
-    """A one-token batch (item `item`, which must be trainable) for lock-step steps on a rank that ran out
-    of data; `seen` adds the empty full history evaluation batches carry."""
+    """A one-token batch for lock-step steps on a rank that ran out of data. In training, `item` must be a
+    trainable (warm) item: the generative loss walks its tuple in the warm items' trie. `seen` adds the
+    empty full history that evaluation batches carry."""
     z = np.zeros(1, dtype=np.int64)
     tok = dict(item_ids=z + item, query_ids=z, timestamps=z, next_timestamps=z, actions=z, token_types=z,
                domains=z, targets=z + item, domain=0, user=0)

@@ -51,8 +51,7 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     # an ID-only model has nothing but an untrained random row for a held-out item: a serving index would
     # not contain it, so it is not ranked (its cold recall is 0 by construction, not by luck)
     unrankable = cold if cfg.model.item_repr == "id" and len(cold) else None
-    warm = int(np.setdiff1d(np.arange(1, len(cold) + 2), cold.cpu().numpy())[0])  # a warm item for dummies
-    dummy = lambda: dummy_batch(dev, warm, seen=True)
+    dummy = lambda: dummy_batch(dev, seen=True)  # its ranks are discarded: any item will do
     return evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
                     manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
                     unrankable=unrankable)
