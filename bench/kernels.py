@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import git_sha  # noqa: E402
+from bench.flops import attention_pairs  # noqa: E402
 
 
 def zipf_lengths(max_len: int, tokens: int, exponent: float, gen: torch.Generator) -> list[int]:
@@ -87,14 +88,7 @@ def make_batch(lengths: list[int], args, dtype, device) -> dict:
 
 def useful_flops(lengths: list[int], args) -> float:
     """Forward flops of causal jagged attention: 2 (dqk + dv) per allowed pair per head."""
-    if args.targets:
-        pairs = 0
-        for n in lengths:
-            t = min(args.targets, n)
-            h = n - t
-            pairs += h * (h + 1) // 2 + t * (h + 1)
-    else:
-        pairs = sum(n * (n + 1) // 2 for n in lengths)
+    pairs = attention_pairs(lengths, args.targets or 0)
     return 2.0 * (args.dqk + args.dv) * pairs * args.heads
 
 

@@ -41,7 +41,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.flops import measure_peak, train_flops  # noqa: E402
 from bench.record import header, loadavg, metadata  # noqa: E402
+from configs.hardware import cpu_has_native_bf16  # noqa: E402
 from configs.schema import LoaderConfig, LossConfig, ModelConfig  # noqa: E402
 from data_pipeline.collate import make_loader  # noqa: E402
 from data_pipeline.read_shards import load_manifest  # noqa: E402
@@ -95,9 +97,11 @@ def build(kind: str, cfg: ModelConfig, manifest: dict, max_len: int) -> SeqRecMo
 
 
 def measure(model, batches, loss_cfg, num_items, warmup: int) -> dict:
+    """Timed fwd + bwd + AdamW step per batch after `warmup` untimed ones; FLOPs of the timed batches
+    from the model's config (bench/flops.py), so the row also says how far from the hardware it runs."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(0)
-    tokens, secs = 0, 0.0
+    tokens, secs, flops = 0, 0.0, 0.0
     for i, b in enumerate(batches):
         t0 = time.perf_counter()
         loss, m = compute_loss(model, b, loss_cfg, num_items, gen)
@@ -107,7 +111,9 @@ def measure(model, batches, loss_cfg, num_items, warmup: int) -> dict:
         if i >= warmup:
             secs += time.perf_counter() - t0
             tokens += m["tokens"]
-    return dict(tokens=tokens, seconds=round(secs, 3), tokens_per_s=round(tokens / secs))
+            flops += train_flops(model.cfg, b.lengths.tolist(), m["positions"], loss_cfg.num_negatives)["total"]
+    return dict(tokens=tokens, seconds=round(secs, 3), tokens_per_s=round(tokens / secs),
+                flops_per_token=round(flops / tokens), gflops_per_s=round(flops / secs / 1e9, 2))
 
 
 # Measured side by side on this machine kind (2026-12-01, 2 threads, fp32, ML-1M lengths, batch 128, 128
@@ -210,26 +216,42 @@ def markdown(result: dict) -> str:
                    result, extra=f"torch {result['torch']}")
     lines += [f"Batch {c['batch']}, max length {c['max_len']}, {c['negatives']} negatives, fp32.", "",
               "## Step rate (fwd + bwd + optimizer step on pre-loaded batches; no loader, no DeepSpeed)", "",
-              f"{c['timed_batches']} timed batches per model after {c['warmup']} untimed.", "",
-              "| model | tokens/s | our HSTU is x faster |", "|---|---|---|"]
+              f"{c['timed_batches']} timed batches per model after {c['warmup']} untimed.", ""]
+    peak = result.get("peak")
+    if peak:
+        lines += [f"Measured peak of this machine in this run (square matmul, {result['machine']['threads']} threads): "
+                  f"**fp32 {peak['fp32']:g} GFLOP/s** (n = {peak['fp32_size']}), bf16 {peak['bf16']:g} GFLOP/s "
+                  f"(n = {peak['bf16_size']})"
+                  + ("" if peak.get("native_bf16") else " (no native bf16 on this CPU: emulated)") + ". "
+                  "FLOPs/token = useful training FLOPs (3 x forward: linears, causal attention pairs, the loss's "
+                  "1 + negatives dots; bench/flops.py) per token of the timed batches.", ""]
+    lines += ["| model | tokens/s | our HSTU is x faster | MFLOP/token | GFLOP/s | % of fp32 peak |",
+              "|---|---|---|---|---|---|"]
     for k, v in result["results"].items():
-        lines.append(f"| {LABELS.get(k, k)} | {v['tokens_per_s']:,} | {result['ratios_vs_hstu'].get(k, '')} |")
+        pct = f"{100 * v['gflops_per_s'] / peak['fp32']:.1f}" if peak and v.get("gflops_per_s") else "n/a"
+        mft = f"{v['flops_per_token'] / 1e6:.2f}" if v.get("flops_per_token") else "n/a"
+        lines.append(f"| {LABELS.get(k, k)} | {v['tokens_per_s']:,} | {result['ratios_vs_hstu'].get(k, '')} | "
+                     f"{mft} | {_s(v.get('gflops_per_s'))} | {pct} |")
     e2e_rows = result.get("e2e") or {}
     if e2e_rows:
         lines += ["", "## End to end (`python -m train pretrain`: shard loader + DeepSpeed engine, whole epochs)", "",
                   f"`{result['e2e_config']}` with the shape above; {c['e2e_epochs']} epochs per run, fresh run "
                   "directory. Training tokens/s = training tokens / training seconds summed over the epochs "
                   "(validation excluded); epoch wall = one epoch including validation (when it ran) and the "
-                  "checkpoint; process wall = the whole command (start-up, epochs, final test, exit).", "",
-                  "| run | epochs | training tokens/s | train s | validation s | epoch wall, validated | "
+                  "checkpoint; process wall = the whole command (start-up, epochs, final test, exit). GFLOP/s "
+                  "= training tokens/s x the step rows' FLOPs/token (the same ML-1M length mix).", "",
+                  "| run | epochs | training tokens/s | GFLOP/s | train s | validation s | epoch wall, validated | "
                   "epoch wall, not validated | process wall s | load avg before / after |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        fpt = (result["results"].get("hstu") or {}).get("flops_per_token")
         for name, r in e2e_rows.items():
             tok = f"{r['e2e_tokens_per_s']:,}" if r["e2e_tokens_per_s"] else "n/a"
             if r.get("tokens_estimated"):
                 tok += " (estimated)"
             load = f"{_s((r['load_before'] or [None])[0])} / {_s((r['load_after'] or [None])[0])}"
-            lines.append(f"| {name} | {r['epochs']} | {tok} | {r['train_seconds']} | {_s(r.get('eval_seconds'))} | "
+            gf = f"{r['e2e_tokens_per_s'] * fpt / 1e9:.2f}" if fpt and r["e2e_tokens_per_s"] else "n/a"
+            lines.append(f"| {name} | {r['epochs']} | {tok} | {gf} | {r['train_seconds']} | "
+                         f"{_s(r.get('eval_seconds'))} | "
                          f"{_s(r.get('epoch_wall_validated'))} | {_s(r.get('epoch_wall_not_validated'))} | "
                          f"{r['process_wall_seconds']} | {load} |")
         missing = sorted({k for r in e2e_rows.values() for k in r.get("missing", [])})
@@ -268,6 +290,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="epochs per e2e run (default 2)")
     p.add_argument("--e2e-set", action="append", default=[], help="extra override for the e2e runs (repeatable)")
     p.add_argument("--runs-dir", help="keep the e2e run directories here (default: a temporary folder, removed)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmuls that measure the peak")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     load_before = loadavg()
@@ -286,6 +309,8 @@ def main(argv=None):
                              args.warmup)
         print(f"{kind:12s} {rows[kind]['tokens_per_s']:>10,} tokens/s")
     threads = torch.get_num_threads()
+    peak = dict(measure_peak(args.peak_size, native_bf16=cpu_has_native_bf16()), native_bf16=cpu_has_native_bf16())
+    print(f"peak: fp32 {peak['fp32']} GFLOP/s, bf16 {peak['bf16']} GFLOP/s", flush=True)
     e2e_rows = e2e(args, threads) if args.e2e else {}
     base = rows.get("hstu", {}).get("tokens_per_s")
     command = "python bench/throughput.py " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -293,8 +318,9 @@ def main(argv=None):
                   config=dict(layers=args.layers, dim=args.dim, heads=args.heads, batch=128, max_len=200,
                               negatives=args.negatives, timed_batches=args.batches, warmup=args.warmup,
                               e2e_epochs=args.epochs if args.e2e else None),
-                  results=rows, ratios_vs_hstu={k: round(base / v["tokens_per_s"], 2) for k, v in rows.items()}
-                  if base else {}, e2e=e2e_rows, e2e_config=args.config if args.e2e else None)
+                  results=rows, peak=peak,
+                  ratios_vs_hstu={k: round(base / v["tokens_per_s"], 2) for k, v in rows.items()} if base else {},
+                  e2e=e2e_rows, e2e_config=args.config if args.e2e else None)
     if (ref := REFERENCE.get((args.layers, args.dim, args.heads))) and args.negatives == 128:
         mid = (ref[1] + ref[2]) // 2
         ours = {}

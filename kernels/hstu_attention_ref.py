@@ -29,7 +29,7 @@ row gather by token index both default to an accumulating index_put, ~40 ms of t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -96,6 +96,16 @@ class _Group:
     pos_idx: torch.Tensor | None  # (N, N) or (G, N, N) index into pos_bias
     time_idx: torch.Tensor | None  # (G, N, N) index into time_bias
     keys: torch.Tensor | None  # (G, 1, N, 1) allowed keys per row (norm_by_length)
+    _weights: dict = field(default_factory=dict)
+
+    def weight(self, norm_const: float, dtype: torch.dtype) -> torch.Tensor:
+        """(G, 1, N, N) allowed / norm in `dtype`: one multiply applies mask and normalisation. Built once
+        per batch and shared by every layer (the norm constant is the same model-wide)."""
+        key = (norm_const, dtype)
+        if key not in self._weights:
+            norm = self.keys.to(dtype) if self.keys is not None else norm_const
+            self._weights[key] = self.allowed.to(dtype) / norm
+        return self._weights[key]
 
 
 @dataclass
@@ -179,18 +189,78 @@ def _pad_row(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((1,) + x.shape[1:])])
 
 
+ROW_CHUNK = 64  # causal tiling: rows in chunks of about this many (the sweep in _DenseAttention)
+
+
+def _row_chunks(N: int, chunk: int) -> list[tuple[int, int]]:
+    """[(r0, r1)] splitting rows 0..N into ceil(N / chunk) near-equal chunks."""
+    T = max(1, -(-N // chunk))
+    bounds = [round(N * t / T) for t in range(T + 1)]
+    return [(r0, r1) for r0, r1 in zip(bounds, bounds[1:]) if r1 > r0]
+
+
+class _DenseAttention(torch.autograd.Function):
+    """One bucket's attention with the backward written out: out = (SiLU(alpha q k^T + rab) * w) v.
+
+    q, k (G, H, N, dqk), v (G, H, N, dv); rab (G or 1, N, N) or None; w (G, 1, N, N) = allowed / norm.
+    Every allowed pair has j <= i (causal; candidates see fewer keys, never later ones), so rows are
+    taken in chunks [r0, r1) against keys [0, r1) only: with T chunks the scores cover (T + 1) / 2T of
+    the N x N square (T = 4 at N = 200: 62%). Autograd on the same expression makes ~8 passes over the
+    scores forward and ~12 back (each product is its own kernel and saves its inputs); here forward is
+    one matmul, two in-place passes and one SiLU per chunk, backward one fused silu_backward.
+    Measured 2026-12-01 (/tmp script, one ML-1M batch of 128, H 2 d 25 as in HSTU-large, position + time
+    bias, fwd + bwd, 1 thread, median of 5, another job sharing the machine): the autograd expression
+    this replaced 240 ms; this function untiled 247, ROW_CHUNK 100: 224, 64: 178, 50: 188, 32: 181."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, rab, w, alpha: float):
+        chunks, saved, outs = _row_chunks(q.shape[2], ROW_CHUNK), [], []
+        for r0, r1 in chunks:
+            s = torch.matmul(q[:, :, r0:r1], k[:, :, :r1].transpose(-1, -2))  # (G, H, c, r1)
+            if alpha != 1.0:
+                s.mul_(alpha)
+            if rab is not None:
+                s.add_(rab[:, None, r0:r1, :r1])
+            a = F.silu(s).mul_(w[:, :, r0:r1, :r1])
+            outs.append(torch.matmul(a, v[:, :, :r1]))  # (G, H, c, dv)
+            saved += [s, a]
+        ctx.save_for_backward(q, k, v, w, *saved)
+        ctx.alpha, ctx.chunks = alpha, chunks
+        ctx.rab_shape = None if rab is None else rab.shape
+        return torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]  # (G, H, N, dv)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, w, *saved = ctx.saved_tensors
+        dout = dout.to(v.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        want_rab = ctx.rab_shape is not None and ctx.needs_input_grad[3]
+        drab = q.new_zeros(ctx.rab_shape) if want_rab else None
+        for i, (r0, r1) in enumerate(ctx.chunks):
+            s, a, g = saved[2 * i], saved[2 * i + 1], dout[:, :, r0:r1]
+            dv[:, :, :r1] += torch.matmul(a.transpose(-1, -2), g)
+            da = torch.matmul(g, v[:, :, :r1].transpose(-1, -2)).mul_(w[:, :, r0:r1, :r1])  # (G, H, c, r1)
+            ds = torch.ops.aten.silu_backward(da, s)
+            if want_rab:
+                drab[:, r0:r1, :r1] += ds.sum(1) if ctx.rab_shape[0] == ds.shape[0] else ds.sum((0, 1))
+            if ctx.alpha != 1.0:
+                ds.mul_(ctx.alpha)
+            dq[:, :, r0:r1] = torch.matmul(ds, k[:, :, :r1])
+            dk[:, :, :r1] += torch.matmul(ds.transpose(-1, -2), q[:, :, r0:r1])
+        return dq, dk, dv, drab, None, None
+
+
 def _dense_block(q, k, v, grp: _Group, alpha, norm_const, pos_bias, time_bias):
     """Padded dense attention for one bucket: q, k (G, N, H, dqk), v (G, N, H, dv) -> (G, N, H, dv)."""
-    s = torch.einsum("bihd,bjhd->bhij", q, k) * alpha  # (G, H, N, N)
-    rab = gather_small(pos_bias, grp.pos_idx) if grp.pos_idx is not None else None
+    rab = gather_small(pos_bias, grp.pos_idx) if grp.pos_idx is not None else None  # (N, N) or (G, N, N)
     if grp.time_idx is not None:
         tb = gather_small(time_bias, grp.time_idx)  # (G, N, N)
         rab = tb if rab is None else rab + tb
-    if rab is not None:
-        s = s + (rab if rab.dim() == 3 else rab[None]).unsqueeze(1)
-    a = F.silu(s) * grp.allowed  # (G, H, N, N)
-    a = a / grp.keys if grp.keys is not None else a / norm_const
-    return torch.einsum("bhij,bjhd->bihd", a, v)  # (G, N, H, dv)
+    if rab is not None and rab.dim() == 2:
+        rab = rab[None]
+    t = lambda x: x.transpose(1, 2).contiguous()  # noqa: E731  (G, N, H, d) -> (G, H, N, d)
+    o = _DenseAttention.apply(t(q), t(k), t(v), rab, grp.weight(norm_const, q.dtype), float(alpha))
+    return o.transpose(1, 2)  # (G, N, H, dv)
 
 
 def _buckets(lengths: list[int], max_waste: float = 0.1, min_size: int = 16) -> list[list[int]]:

@@ -34,10 +34,22 @@ def test_naive_padded_hstu_equals_reference_hstu(shard_dir):
 
 def test_throughput_script_writes_results(shard_dir, tmp_path):
     throughput.main(["--shards", str(shard_dir), "--batches", "1", "--warmup", "0", "--dim", "16",
-                     "--out", str(tmp_path)])
+                     "--peak-size", "128", "--out", str(tmp_path)])
     res = json.loads((tmp_path / "throughput_l2_h1.json").read_text())
     assert set(res["results"]) == {"hstu", "hstu_naive", "sasrec"}
-    assert all(r["tokens_per_s"] > 0 for r in res["results"].values())
+    assert all(r["tokens_per_s"] > 0 and r["gflops_per_s"] > 0 for r in res["results"].values())
+    assert res["peak"]["fp32"] > 0 and res["peak"]["bf16"] > 0
+    assert "% of fp32 peak" in (tmp_path / "throughput_l2_h1.md").read_text()
+
+
+def test_train_flops_counts_linears_causal_pairs_and_loss():
+    from bench.flops import attention_pairs, train_flops
+    cfg = ModelConfig(num_layers=1, dim=4, num_heads=1)
+    # lengths [3, 1]: 4 tokens; pairs 3*4/2 + 1 = 7; 2 positions with a target, 3 negatives
+    f = train_flops(cfg, [3, 1], positions=2, negatives=3)
+    assert f["parts"] == {"linear": 3 * 2 * 4 * (4 * 16 + 4 * 4), "attention": 3 * 2 * 8 * 7, "loss": 3 * 2 * 2 * 4 * 4}
+    assert f["per_token"] == f["total"] / 4
+    assert attention_pairs([5], targets=2) == 3 * 4 // 2 + 2 * 4  # candidates see the 3 history tokens + themselves
 
 
 def test_throughput_script_refuses_too_few_batches(shard_dir, tmp_path, capsys):
