@@ -170,6 +170,10 @@ def make_loader(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     pipe = read_shards(shard_dir, split, cfg, epoch, shuffle)
     pipe.append(_tokens_stage(cfg, split, epoch))
     pipe.append(wds.batched(cfg.batch_size, collation_fn=collate_packed, partial=True))
+    # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global RNG, so
+    # validating an epoch would shift the dropout masks of every later training step (the pipeline's own
+    # randomness is seeded by (seed, epoch) above; the base seed only seeds worker processes' torch RNG)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     loader = torch.utils.data.DataLoader(pipe, batch_size=None, num_workers=cfg.num_workers,
-                                         persistent_workers=False, pin_memory=False)
+                                         persistent_workers=False, pin_memory=False, generator=gen)
     return (unpack(packed) for packed in loader)

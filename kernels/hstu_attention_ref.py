@@ -43,7 +43,7 @@ class _SmallTableGather(torch.autograd.Function):
     def forward(ctx, table, idx):
         ctx.save_for_backward(idx)
         ctx.n = table.numel()
-        return table[idx]
+        return table.take(idx)  # = table[idx]; take is ~2x faster on CPU (5.1 vs 9.5 ms, 2.3M indices, 2 threads)
 
     @staticmethod
     def backward(ctx, grad):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.hstu_attention import hstu_attention
+import kernels.hstu_attention_ref as ref_module
 from kernels.hstu_attention_ref import hstu_attention_ref
 
 
@@ -54,7 +55,10 @@ CASES = [([5, 0, 1, 17, 3], 1, 4, 4), ([33, 2, 40, 1, 0, 9], 2, 5, 3), ([64], 1,
 @pytest.mark.parametrize("with_targets", [False, True])
 @pytest.mark.parametrize("norm_by_length", [False, True])
 @pytest.mark.parametrize("bias", ["none", "pos", "time", "both"])
-def test_ref_matches_naive_forward_and_backward(lengths, H, dqk, dv, with_targets, norm_by_length, bias):
+@pytest.mark.parametrize("row_chunk", [64, 7])  # 7: every sequence over 7 tokens is computed in causal chunks
+def test_ref_matches_naive_forward_and_backward(lengths, H, dqk, dv, with_targets, norm_by_length, bias, row_chunk,
+                                                monkeypatch):
+    monkeypatch.setattr(ref_module, "ROW_CHUNK", row_chunk)
     x = make_inputs(lengths, H, dqk, dv, seed=len(lengths) * 7 + H, with_targets=with_targets)
     pb = x["pos_bias"] if bias in ("pos", "both") else None
     tb = x["time_bias"] if bias in ("time", "both") else None

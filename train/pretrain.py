@@ -122,7 +122,8 @@ def main(cfg: PretrainConfig) -> dict:
         guard.last_good_epoch = state["epoch"]
         row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, guard, candidates)
         row["eval_seconds"] = 0.0
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+        last_epoch = epoch + 1 == cfg.train.epochs
+        if (epoch >= cfg.train.eval_from and (epoch + 1) % cfg.train.eval_every == 0) or last_epoch:
             t_eval = time.perf_counter()
             val = run_eval(eng, cfg, select_split, manifest, dev)
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
@@ -148,6 +149,10 @@ def main(cfg: PretrainConfig) -> dict:
 
     # ---- test once, with the weights train.select names: best validation epoch, last, or best test -----
     train_seconds = time.perf_counter() - t_start
+    validated = [r["epoch"] for r in state["history"] if r.get(select_split)]
+    if cfg.train.eval_from and validated and state["best_epoch"] == validated[0] and rank == 0:
+        print(f"warning: the best epoch ({state['best_epoch']}) is the first validated one (train.eval_from="
+              f"{cfg.train.eval_from}): an earlier, unvalidated epoch might have been better")
     if cfg.train.select == "last":
         state["best_epoch"] = state["epoch"]
     E.load_checkpoint(eng, ckpt, "last" if cfg.train.select == "last" else "best", None,
