@@ -190,7 +190,7 @@ def e2e(args, threads: int) -> dict:
     """Both e2e runs (validating every epoch / only after the last) on the step mode's model shape."""
     shape = [f"model.num_layers={args.layers}", f"model.dim={args.dim}", f"model.num_heads={args.heads}",
              "model.attention_backend=ref", f"loss.num_negatives={args.negatives}", "data.batch_size=128",
-             "data.max_len=200", f"train.epochs={args.epochs}", "train.patience=0"]
+             "data.max_len=200", f"train.epochs={args.epochs}", "train.patience=0", "train.eval_from=0"]
     base = Path(args.runs_dir).resolve() if args.runs_dir else Path(tempfile.mkdtemp(prefix="throughput_e2e_"))
     rows = {}
     try:
@@ -204,6 +204,22 @@ def e2e(args, threads: int) -> dict:
         if not args.runs_dir:
             shutil.rmtree(base, ignore_errors=True)
     return rows
+
+
+def measured_reference(args) -> dict:
+    """The reference implementation's step rate on the same batches, measured now by bench/reference_gr.py
+    in its own process (it may need a Python with fbgemm-gpu-cpu: --reference-python)."""
+    cmd = [args.reference_python, str(ROOT / "bench" / "reference_gr.py"), "--gr", args.reference,
+           "--shards", args.shards, "--layers", str(args.layers), "--dim", str(args.dim), "--heads", str(args.heads),
+           "--batches", str(args.batches), "--warmup", str(args.warmup), "--negatives", str(args.negatives)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"reference run failed (exit {res.returncode}): {' '.join(cmd)}\n{res.stderr[-3000:]}")
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"reference    {out['tokens_per_s']:>10,} tokens/s (generative-recommenders {out.get('gr_commit')})",
+          flush=True)
+    return dict(out, model="HSTU" if args.layers == 2 else f"HSTU {args.layers} layers", command=" ".join(cmd))
 
 
 def _s(x) -> str:
@@ -260,11 +276,21 @@ def markdown(result: dict) -> str:
                       + ("training tokens were estimated as tokens_per_s x seconds; " if "tokens" in missing else "")
                       + "figures that need the missing fields are n/a."]
     ref = result.get("reference")
-    if ref:
-        lines += ["", f"## Side by side with the reference implementation ({ref['model']})", "",
+    if ref and ref.get("measured"):
+        shims = ", ".join(ref.get("shims") or []) or "none"
+        lines += ["", f"## Side by side with the reference implementation ({ref['model']}), measured in this run", "",
+                  f"Meta generative-recommenders at {ref.get('gr_commit')}, its own research HSTU, loss and AdamW "
+                  f"on the same {c['timed_batches']} ML-1M batches after {c['warmup']} untimed "
+                  f"(bench/reference_gr.py; shims: {shims}): **{ref['tokens_per_s']:,} training tokens/s**.", "",
+                  "| ours | tokens/s | ours / reference |", "|---|---|---|"]
+        for name, v in ref["ratios"].items():
+            lines.append(f"| {name} | {v['tokens_per_s']:,} | {v['ratio']} |")
+    elif ref:
+        lines += ["", f"## Side by side with the reference implementation ({ref['model']}), quoted", "",
                   f"Reference: {ref['low']:,}-{ref['high']:,} training tokens/s, {REFERENCE_LABEL}. Ratio = our "
                   f"measured number / the midpoint of that range ({ref['mid']:,}); the two were not measured in "
-                  "the same run, so the ratio also carries any difference in machine and load.", "",
+                  "the same run, so the ratio also carries any difference in machine and load (run with "
+                  "--reference PATH to measure it side by side).", "",
                   "| ours | tokens/s | ours / reference |", "|---|---|---|"]
         for name, v in ref["ratios"].items():
             lines.append(f"| {name} | {v['tokens_per_s']:,} | {v['ratio']} |")
@@ -290,6 +316,11 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=2, help="epochs per e2e run (default 2)")
     p.add_argument("--e2e-set", action="append", default=[], help="extra override for the e2e runs (repeatable)")
     p.add_argument("--runs-dir", help="keep the e2e run directories here (default: a temporary folder, removed)")
+    p.add_argument("--reference", metavar="PATH",
+                   help="work tree of facebookresearch/generative-recommenders: measure its HSTU on the same batches "
+                        "in this run (bench/reference_gr.py); without it the issue's quoted figures are shown")
+    p.add_argument("--reference-python", default=sys.executable,
+                   help="Python for the reference run (one with fbgemm-gpu-cpu; see bench/reference_gr.py)")
     p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n matmuls that measure the peak")
     p.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = p.parse_args(argv)
@@ -309,6 +340,7 @@ def main(argv=None):
                              args.warmup)
         print(f"{kind:12s} {rows[kind]['tokens_per_s']:>10,} tokens/s")
     threads = torch.get_num_threads()
+    ref_now = measured_reference(args) if args.reference else None  # right after ours: same batches, same load
     peak = dict(measure_peak(args.peak_size, native_bf16=cpu_has_native_bf16()), native_bf16=cpu_has_native_bf16())
     print(f"peak: fp32 {peak['fp32']} GFLOP/s, bf16 {peak['bf16']} GFLOP/s", flush=True)
     e2e_rows = e2e(args, threads) if args.e2e else {}
@@ -321,15 +353,16 @@ def main(argv=None):
                   results=rows, peak=peak,
                   ratios_vs_hstu={k: round(base / v["tokens_per_s"], 2) for k, v in rows.items()} if base else {},
                   e2e=e2e_rows, e2e_config=args.config if args.e2e else None)
-    if (ref := REFERENCE.get((args.layers, args.dim, args.heads))) and args.negatives == 128:
-        mid = (ref[1] + ref[2]) // 2
-        ours = {}
-        if base:
-            ours["step rate (hstu)"] = base
-        for name, r in e2e_rows.items():
-            if r.get("e2e_tokens_per_s"):
-                ours[f"end to end, {name}"] = r["e2e_tokens_per_s"]
-        result["reference"] = dict(model=ref[0], low=ref[1], high=ref[2], mid=mid, label=REFERENCE_LABEL,
+    ours = ({"step rate (hstu)": base} if base else {}) | {
+        f"end to end, {name}": r["e2e_tokens_per_s"] for name, r in e2e_rows.items() if r.get("e2e_tokens_per_s")}
+    if ref_now:
+        ref, tps = ref_now, ref_now["tokens_per_s"]
+        ref.update(measured=True, ratios={k: dict(tokens_per_s=v, ratio=round(v / tps, 2)) for k, v in ours.items()})
+        result["reference"] = ref
+    elif (quoted := REFERENCE.get((args.layers, args.dim, args.heads))) and args.negatives == 128:
+        mid = (quoted[1] + quoted[2]) // 2
+        result["reference"] = dict(measured=False, model=quoted[0], low=quoted[1], high=quoted[2], mid=mid,
+                                   label=REFERENCE_LABEL,
                                    ratios={k: dict(tokens_per_s=v, ratio=round(v / mid, 2)) for k, v in ours.items()})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
