@@ -18,7 +18,7 @@ import sys
 
 import torch
 
-from kernels.hstu_attention_ref import AttentionPlan, hstu_attention_ref, plan_attention
+from kernels.hstu_attention_ref import AttentionPlan, hstu_attention_last_ref, hstu_attention_ref, plan_attention
 
 BACKENDS = ("auto", "ref", "triton")
 
@@ -127,3 +127,22 @@ def attention_plan(offsets: torch.Tensor, *, backend: str, pos_len: int, time_le
         return None
     return plan_attention(offsets, num_pos=pos_len, num_time=time_len, ts_q=ts_q, ts_k=ts_k,
                           time_bucket_div=time_bucket_div, num_targets=num_targets, norm_by_length=norm_by_length)
+
+
+def hstu_attention_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
+                        backend: str = "auto", max_len: int | None = None, alpha: float = 1.0,
+                        norm_const: float = 1.0, norm_by_length: bool = False,
+                        pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
+                        ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
+                        time_bucket_div: float = 0.301) -> torch.Tensor:
+    """`hstu_attention(...)[offsets[1:] - 1]` reshaped (B, H, dv): the last token's output row of every
+    sequence (each non-empty). The ref backend computes only those rows; the Triton backend computes
+    every row and selects (its kernels have no single-row mode)."""
+    _check(q, k, v, offsets, pos_bias, time_bias, ts_q, ts_k, None)
+    if offsets.numel() > 1 and int((offsets[1:] - offsets[:-1]).min()) < 1:
+        raise ValueError("hstu_attention_last needs every sequence to have at least one token")
+    kw = dict(alpha=alpha, norm_const=norm_const, norm_by_length=norm_by_length, pos_bias=pos_bias,
+              time_bias=time_bias, ts_q=ts_q, ts_k=ts_k, time_bucket_div=time_bucket_div)
+    if resolve_backend(backend, q.device) == "triton":
+        return hstu_attention(q, k, v, offsets, backend="triton", max_len=max_len, **kw)[offsets[1:] - 1]
+    return hstu_attention_last_ref(q, k, v, offsets, **kw)

@@ -304,3 +304,30 @@ def hstu_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offset
         o = _dense_block(view(qp), view(kp), view(vp), grp, alpha, norm_const, pos_bias, time_bias)
         outs.append(o.reshape(grp.G * grp.N, *o.shape[2:]))
     return _GatherRows.apply(torch.cat(outs), plan.where)  # padding rows dropped
+
+
+def hstu_attention_last_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, *,
+                            alpha: float = 1.0, norm_const: float = 1.0, norm_by_length: bool = False,
+                            pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
+                            ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
+                            time_bucket_div: float = 0.301) -> torch.Tensor:
+    """The output rows of `hstu_attention_ref` at each sequence's last token only: (B, H, dv), every
+    sequence non-empty, no candidates. What a model's final layer needs at evaluation and serving, where
+    only the last state is scored: one query row per sequence instead of n (B x N work, not B x N^2)."""
+    L = q.shape[0]
+    lengths = offsets[1:] - offsets[:-1]  # (B,)
+    N = int(lengths.max()) if lengths.numel() else 0
+    last = offsets[1:] - 1  # (B,)
+    j = torch.arange(N, device=q.device)
+    valid = j[None, :] < lengths[:, None]  # (B, N)
+    src = torch.where(valid, offsets[:-1, None] + j[None, :], L)  # (B, N) token of each key slot, L = padding
+    kp, vp = _pad_row(k)[src], _pad_row(v)[src]  # (B, N, H, d)
+    s = torch.einsum("bhd,bjhd->bhj", q[last], kp) * alpha  # (B, H, N)
+    if pos_bias is not None:
+        s = s + pos_bias[(lengths[:, None] - 1 - j[None, :]).clamp(0, pos_bias.numel() - 1)][:, None, :]
+    if time_bias is not None:
+        dt = ts_q[last][:, None] - _pad_row(ts_k)[src]  # (B, N)
+        s = s + time_bias[time_buckets(dt, time_bucket_div, time_bias.numel())][:, None, :]
+    norm = lengths.clamp(min=1).to(q.dtype)[:, None, None] if norm_by_length else norm_const
+    a = F.silu(s) * valid[:, None, :] / norm
+    return torch.einsum("bhj,bjhd->bhd", a, vp)  # (B, H, dv)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs.schema import ModelConfig
-from kernels.hstu_attention import AttentionPlan, attention_plan, hstu_attention
+from kernels.hstu_attention import AttentionPlan, attention_plan, hstu_attention, hstu_attention_last
 
 
 class HSTUBlock(nn.Module):
@@ -51,7 +51,9 @@ class HSTUBlock(nn.Module):
                               norm_by_length=self.cfg.norm_by_length)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
-                max_len: int, plan: AttentionPlan | None = None) -> torch.Tensor:
+                max_len: int, plan: AttentionPlan | None = None, last_only: bool = False) -> torch.Tensor:
+        """x (L, D) -> (L, D); with `last_only`, (B, D): only each sequence's last token's output (a final
+        layer at evaluation: keys and values still come from every token, queries from the last ones)."""
         L, D = x.shape
         if self.research:
             h = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6)))  # (L, 4D)
@@ -59,13 +61,18 @@ class HSTUBlock(nn.Module):
         else:
             u, v, q, k = self.uvqk(self.norm_in(x)).split(D, dim=-1)
             u = F.silu(u)
-        attn = hstu_attention(
-            q.reshape(L, self.H, self.d), k.reshape(L, self.H, self.d), v.reshape(L, self.H, self.d), offsets,
-            backend=self.cfg.attention_backend, max_len=max_len,
-            alpha=1.0 if self.research else 1.0 / math.sqrt(self.d),
-            norm_const=self.norm_const, norm_by_length=self.cfg.norm_by_length,
-            pos_bias=self.pos_bias, time_bias=self.time_bias, ts_q=next_ts, ts_k=ts,
-            time_bucket_div=self.cfg.time_bucket_div, plan=plan).reshape(L, D)  # (L, D)
+        kw = dict(backend=self.cfg.attention_backend, max_len=max_len,
+                  alpha=1.0 if self.research else 1.0 / math.sqrt(self.d), norm_const=self.norm_const,
+                  norm_by_length=self.cfg.norm_by_length, pos_bias=self.pos_bias, time_bias=self.time_bias,
+                  ts_q=next_ts, ts_k=ts, time_bucket_div=self.cfg.time_bucket_div)
+        shape = (L, self.H, self.d)
+        if last_only:
+            last = offsets[1:] - 1
+            attn = hstu_attention_last(q.reshape(shape), k.reshape(shape), v.reshape(shape), offsets, **kw)
+            x, u, attn = x[last], u[last], attn.reshape(-1, D)  # (B, D)
+        else:
+            attn = hstu_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), offsets, plan=plan,
+                                  **kw).reshape(L, D)  # (L, D)
         if self.research:
             o = u * F.layer_norm(attn, (D,), eps=1e-6)
         else:

@@ -44,17 +44,24 @@ class SeqRecModel(nn.Module):
                 raise ValueError("model.generative_head needs semantic-ID codes: run `python -m data_pipeline content`")
             self.gen_head = GenerativeHead(cfg.dim, self.embed.item.level_sizes)
 
-    def forward(self, batch) -> torch.Tensor:
-        """JaggedBatch -> states (L, D), L2-normalised."""
+    def forward(self, batch, last_only: bool = False) -> torch.Tensor:
+        """JaggedBatch -> states (L, D), L2-normalised; with `last_only`, (B, D): each sequence's last state
+        only (evaluation and serving score nothing else). HSTU's final layer then computes one query row per
+        sequence: 1 of 2 layers' attention saved on HSTU, 1 of 8 on HSTU-large."""
         L = batch.item_ids.numel()
         _, positions = jagged_positions(batch.offsets, L)
         x = self.embed(batch, positions)  # (L, D)
         max_len = int(batch.lengths.max()) if batch.num_sequences else 0
-        plan = ()  # HSTU: masks and bias indices once per batch, shared by every layer
-        if self.cfg.arch == "hstu":
-            plan = (self.blocks[0].attention_plan(batch.offsets, batch.timestamps, batch.next_timestamps),)
-        for block in self.blocks:
-            x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len, *plan)
+        if self.cfg.arch != "hstu":
+            for block in self.blocks:
+                x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len)
+            x = x[batch.offsets[1:] - 1] if last_only else x
+            return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
+        # HSTU: masks and bias indices once per batch, shared by every layer
+        plan = self.blocks[0].attention_plan(batch.offsets, batch.timestamps, batch.next_timestamps)
+        for i, block in enumerate(self.blocks):
+            final = last_only and i == len(self.blocks) - 1
+            x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len, plan, last_only=final)
         return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
 
     def code_trie(self, items: torch.Tensor | None = None) -> CodeTrie:

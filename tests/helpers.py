@@ -23,7 +23,7 @@ class FixedTableModel(nn.Module):
         self.embed = nn.Module()
         self.embed.item = nn.Embedding.from_pretrained(table, freeze=not trainable)
 
-    def forward(self, batch) -> torch.Tensor:
+    def forward(self, batch, last_only: bool = False) -> torch.Tensor:
         w = self.embed.item.weight
         e1 = F.one_hot(torch.tensor(0), w.shape[1]).to(w.dtype)  # (D,)
-        return e1.expand(batch.item_ids.numel(), -1)  # (L, D)
+        return e1.expand(batch.num_sequences if last_only else batch.item_ids.numel(), -1)  # (B or L, D)

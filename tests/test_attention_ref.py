@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.hstu_attention import hstu_attention
 import kernels.hstu_attention_ref as ref_module
+from kernels.hstu_attention import hstu_attention
 from kernels.hstu_attention_ref import hstu_attention_ref
 
 
@@ -120,3 +120,18 @@ def test_public_entry_checks_shapes_and_backend():
         hstu_attention(x["q"], x["k"], x["v"], x["offsets"], backend="ref", time_bias=x["time_bias"])
     out = hstu_attention(x["q"], x["k"], x["v"], x["offsets"], backend="auto")  # CPU -> ref
     torch.testing.assert_close(out, hstu_attention_ref(x["q"], x["k"], x["v"], x["offsets"]))
+
+
+@pytest.mark.parametrize("lengths", [[5, 1, 17, 3], [64], [1, 1], [40, 2, 33]])
+@pytest.mark.parametrize("norm_by_length", [False, True])
+def test_last_row_attention_equals_the_full_attentions_last_rows(lengths, norm_by_length):
+    """hstu_attention_last (evaluation's final layer) = the full attention at each sequence's last token."""
+    from kernels.hstu_attention import hstu_attention_last
+    x = make_inputs(lengths, 2, 5, 3, seed=11, with_targets=False)
+    kw = dict(alpha=0.7, norm_const=13.0, norm_by_length=norm_by_length, pos_bias=x["pos_bias"],
+              time_bias=x["time_bias"], ts_q=x["ts_q"], ts_k=x["ts_k"], time_bucket_div=0.301)
+    args = (x["q"], x["k"], x["v"], x["offsets"])
+    full = hstu_attention(*args, backend="ref", **kw)[x["offsets"][1:] - 1]
+    torch.testing.assert_close(hstu_attention_last(*args, backend="ref", **kw), full, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="at least one token"):
+        hstu_attention_last(*args[:3], torch.tensor([0, 0, sum(lengths)]), backend="ref", **kw)

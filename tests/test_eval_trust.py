@@ -15,8 +15,8 @@ from train.evaluate import MISS, evaluate, score_batch
 class NaNModel(FixedModel):
     """A diverged model: every state is NaN."""
 
-    def forward(self, batch):
-        return torch.full((batch.item_ids.numel(), 2), float("nan"))
+    def forward(self, batch, last_only=False):
+        return torch.full((batch.num_sequences if last_only else batch.item_ids.numel(), 2), float("nan"))
 
 
 def with_seen(batch, seen: list[list[int]]):

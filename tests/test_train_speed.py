@@ -71,3 +71,19 @@ def test_model_forward_matches_with_attention_chunks(variant):
         ref.ROW_CHUNK = old
     for a, b in zip(outs[1000], outs[7]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch,variant", [("hstu", "research"), ("hstu", "production"), ("sasrec", "research")])
+def test_last_only_states_equal_the_full_forwards_last_states(arch, variant):
+    """Evaluation scores model(batch, last_only=True): the same states as the full forward's last ones."""
+    from tests.test_evaluate import make_batch
+    cfg = ModelConfig(arch=arch, num_layers=2, dim=16, num_heads=2, layer_variant=variant,
+                      attention_backend="ref", pos_bias=True, time_bias=True)
+    torch.manual_seed(0)
+    model = SeqRecModel(cfg, num_items=30, num_queries=0, max_len=40).eval()
+    batch = make_batch([[3, 4, 5, 6, 7, 8, 9], [2], [11, 12, 13]], [1, 2, 3])
+    batch.timestamps = torch.cumsum(torch.randint(1, 5000, batch.timestamps.shape), 0)  # a time bias to see
+    batch.next_timestamps = batch.timestamps + 100
+    with torch.no_grad():
+        full = model(batch)[batch.offsets[1:] - 1]
+        torch.testing.assert_close(model(batch, last_only=True), full, rtol=1e-5, atol=1e-6)

@@ -40,8 +40,8 @@ class PopularityModel(nn.Module):
         self.embed = nn.Module()
         self.embed.item = nn.Embedding.from_pretrained(w)
 
-    def forward(self, batch) -> torch.Tensor:
-        return torch.tensor([[1.0, 0.0]]).expand(batch.item_ids.numel(), 2)
+    def forward(self, batch, last_only: bool = False) -> torch.Tensor:
+        return torch.tensor([[1.0, 0.0]]).expand(batch.num_sequences if last_only else batch.item_ids.numel(), 2)
 
 
 def popularity_metrics(shard_dir, split: str, loader: LoaderConfig, cfg: EvalConfig,

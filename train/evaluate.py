@@ -80,9 +80,8 @@ def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch
     among the warm items only (BatchRanks.warm), so models that can and cannot rank cold items compare on
     one candidate set. Non-finite scores never help: a NaN state or target score is a miss, and a NaN
     candidate score counts as beating the target (NaN compares False, so it would otherwise rank first)."""
-    states = model(batch)  # (L, D)
     last = batch.offsets[1:] - 1
-    q, targets = states[last].float(), batch.targets[last]  # (B, D), (B,)
+    q, targets = model(batch, last_only=True).float(), batch.targets[last]  # (B, D), (B,)
     chunks = [(lo, min(lo + cfg.item_chunk, num_items + 1)) for lo in range(0, num_items + 1, cfg.item_chunk)]
 
     def scores(lo, hi):  # (B, hi - lo); through the embedding module so ZeRO-3 gathers its weight
@@ -130,9 +129,8 @@ def generative_ranks(model, batch, cfg: EvalConfig, num_items: int, cold: torch.
     The trie holds every item the index serves (cold ones included). With `cold`, a second decode with
     the cold items excluded gives the rank among warm items (BatchRanks.warm).
     cfg.ks must not exceed cfg.beam: a beam of width W cannot say where an item below W would rank."""
-    states = model(batch)  # (L, D)
     last = batch.offsets[1:] - 1
-    q, targets = states[last], batch.targets[last]  # (B, D) in the head's dtype (bf16 under a bf16 engine)
+    q, targets = model(batch, last_only=True), batch.targets[last]  # (B, D) in the head's dtype (bf16 under bf16)
     nonfinite = ~torch.isfinite(q.float()).all(1)
     exclude = _history_mask(batch, 0, num_items + 1, targets, cfg.exclude_history)
 
