@@ -269,7 +269,7 @@ class LossConfig:
 class TrainConfig:
     """Optimisation and the DeepSpeed engine (train/engine.py)."""
 
-    CHOICES: ClassVar[dict] = {"zero_stage": (0, 1, 2, 3), "precision": ("fp32", "bf16"),
+    CHOICES: ClassVar[dict] = {"zero_stage": (0, 1, 2, 3), "precision": ("fp32", "bf16", "auto"),
                                  "select": ("best_valid", "last", "best_test"), "nan_policy": ("stop", "skip_step")}
 
     epochs: int = 100
@@ -289,7 +289,10 @@ class TrainConfig:
     zero_stage: int = 0
     """DeepSpeed ZeRO stage 0-3."""
     precision: str = "fp32"
-    """'fp32' or 'bf16' (DeepSpeed bf16 mode: bf16 compute, fp32 master weights at ZeRO >= 1)."""
+    """'fp32', 'bf16' (DeepSpeed bf16 mode: bf16 compute, fp32 master weights at ZeRO >= 1) or 'auto':
+    bf16 where the hardware computes it natively (a CUDA GPU with bf16, a CPU with AVX512-BF16 / AMX),
+    else fp32 (emulated bf16 on a CPU without it: 1.5 GFLOP/s against 50 in fp32, measured by
+    bench/throughput.py 2026-12-01). The precision used is printed and saved in metrics.json."""
     seed: int = 0
     """Seed of python, numpy and torch (init, dropout, negatives); the data order is data.seed."""
     patience: int = 10

@@ -11,6 +11,7 @@ import random
 import shutil
 import socket
 import time
+import warnings
 from pathlib import Path
 
 import deepspeed
@@ -18,6 +19,7 @@ import deepspeed.comm as dist
 import numpy as np
 import torch
 
+from configs.hardware import cpu_has_native_bf16
 from configs.schema import TrainConfig
 from data_pipeline.atomic_dir import recover, swap_into_place
 
@@ -49,9 +51,23 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_precision(precision: str, dev: torch.device) -> str:
+    """'fp32' or 'bf16': `precision`, with 'auto' = bf16 where `dev` computes it natively (see TrainConfig).
+    An explicit 'bf16' on a CPU without native bf16 runs (emulated, slowly) with a warning."""
+    if precision not in ("fp32", "bf16", "auto"):
+        raise ValueError(f"train.precision must be fp32, bf16 or auto, got {precision!r}")
+    native = torch.cuda.is_bf16_supported() if dev.type == "cuda" else cpu_has_native_bf16()
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        warnings.warn("train.precision=bf16 on a CPU without native bf16 (no avx512_bf16/amx_bf16): torch "
+                      "emulates it, ~30x slower than fp32 here; train.precision=auto picks fp32 on such a CPU")
+    return precision
+
+
 def ds_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
     if cfg.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16, got {cfg.precision!r}")
+        raise ValueError(f"train.precision must be fp32 or bf16 here (resolve 'auto' first), got {cfg.precision!r}")
     if cfg.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"train.zero_stage must be 0-3, got {cfg.zero_stage}")
     return {

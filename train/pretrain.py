@@ -81,6 +81,10 @@ def main(cfg: PretrainConfig) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # raises in this mode without a fixed workspace
         torch.use_deterministic_algorithms(True)
     dev = E.device()
+    precision = E.resolve_precision(cfg.train.precision, dev)
+    if precision != cfg.train.precision and rank == 0:
+        print(f"train.precision={cfg.train.precision}: {precision} on this {dev.type}")
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision))  # the saved config says what ran
     seed_everything(cfg.train.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.train.seed * 1000 + rank)  # negatives, per rank
     manifest = load_manifest(cfg.shards)
@@ -168,6 +172,7 @@ def main(cfg: PretrainConfig) -> dict:
                    test=test, test_generative=test_generative, test_popularity=popularity,
                    train_seconds_this_run=round(train_seconds, 1), exclude_history=cfg.eval.exclude_history,
                    skipped_steps=state.get("skipped_steps", 0), skipped_shards=bad_shards, world_size=world,
+                   precision=cfg.train.precision,
                    dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
     E.write_json(run_dir / "metrics.json", metrics)
     E.write_json(run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
