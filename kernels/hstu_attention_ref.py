@@ -24,6 +24,12 @@ mean length 108; q, k, v fwd + bwd with position and time bias; median of 4; und
     length-bucketed (this file)    H1 d50  41 ms   H2 d25  49 ms
     a loop over sequences          H1 d50 218 ms   H2 d25 180 ms
 
+Re-run 2026-12-01 on an AMD EPYC without AVX-512 (two runs, same command), after the causal row chunks
+and the hand-written backward of _DenseAttention: length-bucketed H1 d50 119-140 ms, H2 d25 132-165 ms
+(the code before them: 118 / 152 ms in the same session); padded block 226-260 / 253-309; loop 745-873 /
+803-813. At 2 threads the attention alone gains little; the full HSTU-large step gained 10-13% (README,
+Speed) and the 1-thread attention 26% (see _DenseAttention).
+
 Two custom backward passes carry much of that: a bias gather from a 129-entry table by 5M indices and a
 row gather by token index both default to an accumulating index_put, ~40 ms of the first 93 ms version.
 """
@@ -208,8 +214,8 @@ class _DenseAttention(torch.autograd.Function):
     the N x N square (T = 4 at N = 200: 62%). Autograd on the same expression makes ~8 passes over the
     scores forward and ~12 back (each product is its own kernel and saves its inputs); here forward is
     one matmul, two in-place passes and one SiLU per chunk, backward one fused silu_backward.
-    Measured 2026-12-01 (/tmp script, one ML-1M batch of 128, H 2 d 25 as in HSTU-large, position + time
-    bias, fwd + bwd, 1 thread, median of 5, another job sharing the machine): the autograd expression
+    Measured 2026-12-01 (a one-off A/B script, not kept: one ML-1M batch of 128, H 2 d 25 as in HSTU-large,
+    position + time bias, fwd + bwd, 1 thread, median of 5, another job sharing the machine): the autograd expression
     this replaced 240 ms; this function untiled 247, ROW_CHUNK 100: 224, 64: 178, 50: 188, 32: 181."""
 
     @staticmethod
