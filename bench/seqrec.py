@@ -125,6 +125,10 @@ def load_run(run_dir: Path, recipe: str | None = None) -> dict:
     base = recipe_config(recipe) if recipe else None
     m["run"], m["run_dir"] = run_dir.name, str(run_dir)
     m["train_seconds"] = round(sum(e["seconds"] for e in epochs), 1) if epochs else None
+    # time to target: epoch wall (training + validation + checkpoints) through the selected epoch
+    to_best = [e for e in epochs if e.get("epoch", -1) <= m.get("best_epoch", -1)]
+    m["wall_to_best"] = (round(sum(e["wall_seconds"] for e in to_best), 1)
+                         if to_best and all("wall_seconds" in e for e in to_best) else None)
     m["train_sha"] = (m.get("git_sha") or "unknown")[:7]
     m["exclude_history"] = exclusion_rule(m, cfg)
     m["train_epochs"] = cfg.get("train", {}).get("epochs")
@@ -237,6 +241,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             row = {"model": name, "seeds": len(gs), "runs": [m.get("run") for m in gs],
                    "best_epochs": [m["best_epoch"] for m in gs], "epochs_run": [m["epochs_run"] for m in gs],
                    "train_seconds": [m.get("train_seconds") for m in gs],
+                   "wall_to_best": [m.get("wall_to_best") for m in gs],
                    "train_sha": sorted({m.get("train_sha", "unknown") for m in gs}),
                    "test_at": [key[0]], "exclude_history": key[1], "flags": list(key[2]),
                    "load": load_cell(gs)}
@@ -313,22 +318,25 @@ def write_results(name: str, title: str, summary: dict, reference: list[tuple], 
     lines = header(title, meta) + [
         "Test metrics at the epoch named in 'test at', full ranking over all items, history excluded by the "
         "rule in 'excl.' (see notes); mean ± sd over seeds; epochs = the tested epoch of each seed; "
-        "train s/run = training seconds summed over epochs (validation and test excluded); load = mean 1-min "
+        "train s/run = training seconds summed over epochs (validation and test excluded); to best = epoch wall "
+        "seconds (training, validation, checkpoints) through the tested epoch, the time to target; load = mean 1-min "
         "load average while the runs trained, with the runs' own threads ('shared': load above those threads, "
         "so something else ran on the cores and train s are slower than on an idle machine; '-': not "
         "recorded); train sha = the commit each run trained at.", "",
         "| model | seeds | test at | excl. | HR@10 | NDCG@10 | HR@50 | NDCG@50 | HR@200 | epochs | train s/run "
-        "| load | train sha |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        "| to best s | load | train sha |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for model, r in summary.items():
         secs = [s for s in r["train_seconds"] if s]
+        to_best = [s for s in r.get("wall_to_best", []) if s]
         lines.append(f"| {model} | {r['seeds']} | {'; '.join(r['test_at'])} | {r.get('exclude_history', '')} | "
                      f"{_fmt(r, 'hr@10')} | {_fmt(r, 'ndcg@10')} | {_fmt(r, 'hr@50')} | {_fmt(r, 'ndcg@50')} | "
                      f"{_fmt(r, 'hr@200')} | {r['best_epochs']} | {round(statistics.fmean(secs)) if secs else ''} | "
+                     f"{round(statistics.fmean(to_best)) if to_best else 'n/a'} | "
                      f"{r.get('load', '-')} | {', '.join(r.get('train_sha', []))} |")
     for model, m in (extra_rows or {}).items():
         cells = " | ".join("n/a" if m.get(k) is None else f"{m[k]:.4f}"
                            for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200"))
-        lines.append(f"| {model} | - | - | {m.get('exclude_history', '-')} | {cells} | - | - | - | - |")
+        lines.append(f"| {model} | - | - | {m.get('exclude_history', '-')} | {cells} | - | - | - | - | - |")
     if reference:
         lines += ["", "Published reference numbers (their protocol; see notes):", "",
                   "| source | model | HR@10 | NDCG@10 | HR@50 | NDCG@50 |", "|---|---|---|---|---|---|"]

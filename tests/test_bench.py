@@ -284,3 +284,23 @@ def test_throughput_e2e_runs_whole_epochs_through_pretrain(shard_dir, tmp_path):
         assert every["epoch_wall_not_validated"] is None and last["epoch_wall_not_validated"] is not None
     md = (tmp_path / "throughput_l2_h1.md").read_text()
     assert "End to end" in md and "padded stand-in" in md and "NOT the reference implementation" in md
+
+
+def test_throughput_side_by_side_uses_the_reference_measured_in_the_run(shard_dir, tmp_path, monkeypatch):
+    """--reference PATH: the ratio divides by the reference's rate from this run, and the table says so."""
+    seen = {}
+
+    def fake_reference(args):
+        seen["gr"] = args.reference
+        return dict(tokens_per_s=100, gr_commit="abc123", shims=[], model="HSTU")
+
+    monkeypatch.setattr(throughput, "measured_reference", fake_reference)
+    res = throughput.main(["--shards", str(shard_dir), "--batches", "1", "--warmup", "0", "--dim", "16",
+                           "--models", "hstu", "--peak-size", "128", "--reference", "/some/gr",
+                           "--out", str(tmp_path)])
+    ref = res["reference"]
+    assert seen["gr"] == "/some/gr" and ref["measured"] is True
+    ours = res["results"]["hstu"]["tokens_per_s"]
+    assert ref["ratios"]["step rate (hstu)"] == dict(tokens_per_s=ours, ratio=round(ours / 100, 2))
+    md = (tmp_path / "throughput_l2_h1.md").read_text()
+    assert "measured in this run" in md and "abc123" in md and "quoted" not in md
