@@ -9,8 +9,8 @@ embeddings, forward, loss over all positions (ar_mask), backward, AdamW step. Ea
 batches is run untimed; each later one is timed with time.perf_counter around that whole step. Tokens = sum
 of the encoded sequence lengths (= our batch's L, what bench/throughput.py counts).
 
-Batches: the first warmup + batches train batches of `make_loader(shards, "train", LoaderConfig(128, 200,
-num_workers=0))`, exactly as bench/throughput.py builds them. Each jagged sequence (n tokens, targets = the
+Batches: the first warmup + batches train batches from `bench.common.step_batches` (128 sequences cut to
+200, loader order), the same function bench/throughput.py times. Each jagged sequence (n tokens, targets = the
 next item, 0 on the last token) becomes a row of the reference's ML-1M dataset: historical_ids (B, 200)
 zero-padded, history_lengths = n, timestamps, ratings (= our action codes; unused by this model),
 target_id 0 and target_timestamp = the last token's next timestamp. So the reference encodes the same n
@@ -54,11 +54,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from configs.schema import LoaderConfig  # noqa: E402
-from data_pipeline.collate import JaggedBatch, make_loader  # noqa: E402
+from bench.common import STEP_MAX_LEN, add_step_args, step_batches  # noqa: E402
+from data_pipeline.collate import JaggedBatch  # noqa: E402
 from data_pipeline.read_shards import load_manifest  # noqa: E402
 
-MAX_SEQ_LEN = 200  # train_fn.max_sequence_length in their ML-1M configs (= our max_len)
+MAX_SEQ_LEN = STEP_MAX_LEN  # 200: train_fn.max_sequence_length in their ML-1M configs = our batches' max_len
 GR_OUTPUT_LENGTH = 10  # train_fn's default gr_output_length; the model pads by gr_output_length + 1
 _LIB: list = []  # keeps the shim library alive: its registrations vanish when it is collected
 
@@ -242,13 +242,7 @@ def gr_commit(gr: Path) -> str | None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gr", required=True, type=Path, help="work tree of facebookresearch/generative-recommenders")
-    p.add_argument("--shards", required=True, help="ML-1M shard folder (python -m data_pipeline prepare ...)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dim", type=int, default=50)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--batches", type=int, default=40, help="timed batches (default 40)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
-    p.add_argument("--negatives", type=int, default=128)
+    add_step_args(p, batches=40)
     p.add_argument("--detect-anomaly", action="store_true", help="as train.py does: autograd anomaly detection on")
     p.add_argument("--json", type=Path, help="also write the result object here")
     args = p.parse_args(argv)
@@ -257,11 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     mods, shims, fbgemm_version = import_reference(args.gr.resolve())
     torch.manual_seed(0)
     num_items = load_manifest(args.shards)["vocab"]["num_items"]
-    loader = LoaderConfig(batch_size=128, max_len=MAX_SEQ_LEN, num_workers=0)
-    n = args.warmup + args.batches
-    rows = [to_row(b) for _, b in zip(range(n), make_loader(args.shards, "train", loader))]
-    if len(rows) < n:
-        p.error(f"{args.shards} has {len(rows)} train batches of 128; --warmup + --batches needs {n}")
+    rows = [to_row(b) for b in step_batches(p, args)]  # the batches bench/throughput.py times
     model, ar_loss, sampler, opt = build(mods, num_items, args.layers, args.dim, args.heads, args.negatives)
     model.train()
     torch.autograd.set_detect_anomaly(args.detect_anomaly)

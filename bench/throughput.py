@@ -41,11 +41,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import add_step_args, step_batches  # noqa: E402
 from bench.flops import measure_peak, train_flops  # noqa: E402
 from bench.record import header, loadavg, metadata  # noqa: E402
 from configs.hardware import cpu_has_native_bf16  # noqa: E402
-from configs.schema import LoaderConfig, LossConfig, ModelConfig  # noqa: E402
-from data_pipeline.collate import make_loader  # noqa: E402
+from configs.schema import LossConfig, ModelConfig  # noqa: E402
 from data_pipeline.read_shards import load_manifest  # noqa: E402
 from kernels.hstu_attention_ref import time_buckets  # noqa: E402
 from model.embeddings import jagged_positions  # noqa: E402
@@ -303,13 +303,7 @@ def markdown(result: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True, help="ML-1M shard folder (python -m data_pipeline prepare ...)")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dim", type=int, default=50)
-    p.add_argument("--heads", type=int, default=1)
-    p.add_argument("--batches", type=int, default=12, help="timed batches per model (default 12)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed batches first (default 3)")
-    p.add_argument("--negatives", type=int, default=128)
+    add_step_args(p, batches=12)
     p.add_argument("--models", default="hstu,hstu_naive,sasrec")
     p.add_argument("--e2e", action="store_true", help="also time whole epochs through python -m train pretrain")
     p.add_argument("--config", default="configs/pretrain/ml1m_hstu.yaml",
@@ -328,11 +322,7 @@ def main(argv=None):
     load_before = loadavg()
     torch.manual_seed(0)
     manifest = load_manifest(args.shards)
-    loader = LoaderConfig(batch_size=128, max_len=200, num_workers=0)
-    batches = [b for _, b in zip(range(args.batches + args.warmup), make_loader(args.shards, "train", loader))]
-    if len(batches) < args.batches + args.warmup:
-        p.error(f"{args.shards} has {len(batches)} train batches of 128; --warmup + --batches needs "
-                f"{args.batches + args.warmup}")
+    batches = step_batches(p, args)
     cfg = ModelConfig(num_layers=args.layers, dim=args.dim, num_heads=args.heads, attention_backend="ref")
     loss_cfg = LossConfig(num_negatives=args.negatives)
     rows = {}
