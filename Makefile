@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# torch first, pinned: the CPU build on this machine's disk; unpinned pip would pull a CUDA build
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,faiss]'
 	touch $(STAMP)
 
 # the synthetic world -> shards -> 2-rank DeepSpeed pretraining on CPU -> test metrics next to popularity

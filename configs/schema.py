@@ -369,3 +369,36 @@ class PretrainConfig:
     """Optimisation."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Evaluation."""
+
+
+@dataclass
+class ServeConfig:
+    """`python -m serve`: an export folder behind an HTTP JSON API (serve/app.py)."""
+
+    CHOICES: ClassVar[dict] = {"encoder": ("eager", "program", "aoti"), "index": ("exact", "faiss")}
+
+    export: str = ""
+    """Export folder written by `python -m train export` (verified file by file at start-up)."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (loopback by default; 0.0.0.0 exposes the server to the network)."""
+    port: int = 8000
+    """TCP port."""
+    threads: int = 0
+    """torch threads for the forward pass (0 = torch's default, one per core)."""
+    encoder: str = "program"
+    """How histories are encoded: 'program' (program.pt2, the torch.export program), 'eager' (the
+    PyTorch model from model.safetensors) or 'aoti' (program_aoti.pt2; export with --aoti)."""
+    index: str = "exact"
+    """Top-k retrieval: 'exact' (brute force, any catalogue up to ~1M items) or 'faiss' (IVF, approximate;
+    needs the faiss extra; bench/serve.py reports its recall@100 against exact)."""
+    nprobe: int = 32
+    """faiss: clusters searched per query (more = higher recall, slower)."""
+    max_batch: int = 32
+    """Micro-batching: at most this many concurrent requests share one forward pass."""
+    max_wait_ms: float = 2.0
+    """Micro-batching: a batch starts at most this long after its first request arrived."""
+    max_body_bytes: int = 1_048_576
+    """Requests with a larger body are refused with 413."""
+    max_history: int = 10_000
+    """History (and exclude) lists longer than this are refused with 422; up to it the most recent
+    max_len items are encoded and all of them are excluded from the answer."""

@@ -18,7 +18,13 @@ import sys
 
 import torch
 
-from kernels.hstu_attention_ref import AttentionPlan, hstu_attention_last_ref, hstu_attention_ref, plan_attention
+from kernels.hstu_attention_ref import (
+    AttentionPlan,
+    hstu_attention_last_ref,
+    hstu_attention_padded_ref,
+    hstu_attention_ref,
+    plan_attention,
+)
 
 BACKENDS = ("auto", "ref", "triton")
 
@@ -146,3 +152,25 @@ def hstu_attention_last(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offse
     if resolve_backend(backend, q.device) == "triton":
         return hstu_attention(q, k, v, offsets, backend="triton", max_len=max_len, **kw)[offsets[1:] - 1]
     return hstu_attention_last_ref(q, k, v, offsets, **kw)
+
+
+def hstu_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *,
+                          alpha: float = 1.0, norm_const: float = 1.0, norm_by_length: bool = False,
+                          pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
+                          ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
+                          time_bucket_div: float = 0.301, last_only: bool = False) -> torch.Tensor:
+    """HSTU attention on right-padded (B, N, H, d) input with `lengths` (B,): the exportable formulation
+    (serving's torch.export program), always the PyTorch reference (no Triton kernel takes this layout).
+    Equal to `hstu_attention` on the jagged form of the same rows (tests/test_export.py). Checks are on
+    shapes only: a value check would be a data-dependent guard that torch.export cannot trace."""
+    if q.dim() != 4 or k.shape != q.shape or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"expected q, k (B, N, H, dqk) and v (B, N, H, dv); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if lengths.shape != q.shape[:1]:
+        raise ValueError(f"lengths must be (B,) = ({q.shape[0]},), got {tuple(lengths.shape)}")
+    if time_bias is not None and (ts_q is None or ts_k is None or ts_q.shape != q.shape[:2]
+                                  or ts_k.shape != q.shape[:2]):
+        raise ValueError("time_bias needs ts_q and ts_k of shape (B, N)")
+    return hstu_attention_padded_ref(q, k, v, lengths, alpha=alpha, norm_const=norm_const,
+                                     norm_by_length=norm_by_length, pos_bias=pos_bias, time_bias=time_bias,
+                                     ts_q=ts_q, ts_k=ts_k, time_bucket_div=time_bucket_div, last_only=last_only)

@@ -337,3 +337,33 @@ def hstu_attention_last_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o
     norm = lengths.clamp(min=1).to(q.dtype)[:, None, None] if norm_by_length else norm_const
     a = F.silu(s) * valid[:, None, :] / norm
     return torch.einsum("bhj,bjhd->bhd", a, vp)  # (B, H, dv)
+
+
+def hstu_attention_padded_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor, *,
+                              alpha: float = 1.0, norm_const: float = 1.0, norm_by_length: bool = False,
+                              pos_bias: torch.Tensor | None = None, time_bias: torch.Tensor | None = None,
+                              ts_q: torch.Tensor | None = None, ts_k: torch.Tensor | None = None,
+                              time_bucket_div: float = 0.301, last_only: bool = False) -> torch.Tensor:
+    """The same attention on right-padded input: q, k (B, N, H, dqk), v (B, N, H, dv), lengths (B,),
+    ts_q / ts_k (B, N) -> (B, N, H, dv), or (B, H, dv) for each sequence's last row with `last_only`.
+    One dense (B, H, R, N) block with no data-dependent shapes or host syncs, so torch.export can trace
+    it with symbolic B and N (the bucketed path above reads lengths on the host). No candidates."""
+    B, N, H, d = q.shape
+    j = torch.arange(N, device=q.device)
+    valid = j[None, :] < lengths[:, None]  # (B, N)
+    if last_only:  # one query row per sequence, at its last valid position
+        rows = (lengths - 1).clamp(min=0)[:, None]  # (B, 1)
+        q = q.gather(1, rows[:, :, None, None].expand(B, 1, H, d))  # (B, 1, H, dqk)
+        tq = ts_q.gather(1, rows) if ts_q is not None else None  # (B, 1)
+    else:
+        rows, tq = j[None, :].expand(B, N), ts_q  # (B, N)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * alpha  # (B, H, R, N)
+    allowed = (j[None, None, :] <= rows[:, :, None]) & valid[:, None, :]  # (B, R, N)
+    if pos_bias is not None:
+        s = s + pos_bias[(rows[:, :, None] - j[None, None, :]).clamp(0, pos_bias.numel() - 1)][:, None]
+    if time_bias is not None:
+        s = s + time_bias[time_buckets(tq[:, :, None] - ts_k[:, None, :], time_bucket_div, time_bias.numel())][:, None]
+    norm = allowed.sum(-1).clamp(min=1).to(q.dtype)[:, None, :, None] if norm_by_length else norm_const
+    a = F.silu(s) * allowed[:, None].to(s.dtype) / norm
+    out = torch.einsum("bhij,bjhd->bihd", a, v)  # (B, R, H, dv)
+    return out[:, 0] if last_only else out

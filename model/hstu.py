@@ -15,7 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs.schema import ModelConfig
-from kernels.hstu_attention import AttentionPlan, attention_plan, hstu_attention, hstu_attention_last
+from kernels.hstu_attention import (
+    AttentionPlan,
+    attention_plan,
+    hstu_attention,
+    hstu_attention_last,
+    hstu_attention_padded,
+)
 
 
 class HSTUBlock(nn.Module):
@@ -50,21 +56,34 @@ class HSTUBlock(nn.Module):
                               ts_q=next_ts, ts_k=ts, time_bucket_div=self.cfg.time_bucket_div,
                               norm_by_length=self.cfg.norm_by_length)
 
+    def _project(self, x: torch.Tensor):
+        """x (..., D) -> u, v, q, k (..., D) each."""
+        D = x.shape[-1]
+        if self.research:
+            return F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6))).split(D, dim=-1)
+        u, v, q, k = self.uvqk(self.norm_in(x)).split(D, dim=-1)
+        return F.silu(u), v, q, k
+
+    def _output(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual + W_o(dropout(gated attention)); x, u, attn (..., D)."""
+        if self.research:
+            o = u * F.layer_norm(attn, (attn.shape[-1],), eps=1e-6)
+        else:
+            o = torch.cat([u, attn, u * self.norm_attn(attn)], dim=-1)  # (..., 3D)
+        return x + self.out(self.dropout(o))
+
+    def _attention_kw(self) -> dict:
+        return dict(alpha=1.0 if self.research else 1.0 / math.sqrt(self.d), norm_const=self.norm_const,
+                    norm_by_length=self.cfg.norm_by_length, pos_bias=self.pos_bias, time_bias=self.time_bias,
+                    time_bucket_div=self.cfg.time_bucket_div)
+
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
                 max_len: int, plan: AttentionPlan | None = None, last_only: bool = False) -> torch.Tensor:
         """x (L, D) -> (L, D); with `last_only`, (B, D): only each sequence's last token's output (a final
         layer at evaluation: keys and values still come from every token, queries from the last ones)."""
         L, D = x.shape
-        if self.research:
-            h = F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6)))  # (L, 4D)
-            u, v, q, k = h.split(D, dim=-1)
-        else:
-            u, v, q, k = self.uvqk(self.norm_in(x)).split(D, dim=-1)
-            u = F.silu(u)
-        kw = dict(backend=self.cfg.attention_backend, max_len=max_len,
-                  alpha=1.0 if self.research else 1.0 / math.sqrt(self.d), norm_const=self.norm_const,
-                  norm_by_length=self.cfg.norm_by_length, pos_bias=self.pos_bias, time_bias=self.time_bias,
-                  ts_q=next_ts, ts_k=ts, time_bucket_div=self.cfg.time_bucket_div)
+        u, v, q, k = self._project(x)
+        kw = dict(backend=self.cfg.attention_backend, max_len=max_len, ts_q=next_ts, ts_k=ts, **self._attention_kw())
         shape = (L, self.H, self.d)
         if last_only:
             last = offsets[1:] - 1
@@ -73,8 +92,19 @@ class HSTUBlock(nn.Module):
         else:
             attn = hstu_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), offsets, plan=plan,
                                   **kw).reshape(L, D)  # (L, D)
-        if self.research:
-            o = u * F.layer_norm(attn, (D,), eps=1e-6)
-        else:
-            o = torch.cat([u, attn, u * self.norm_attn(attn)], dim=-1)  # (L, 3D)
-        return x + self.out(self.dropout(o))
+        return self._output(x, u, attn)
+
+    def forward_padded(self, x: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
+                       last_only: bool = False) -> torch.Tensor:
+        """The same layer on right-padded input, free of data-dependent shapes (torch.export): x (B, N, D),
+        lengths (B,) >= 1, ts / next_ts (B, N) -> (B, N, D), or (B, D) with `last_only`. Rows past a
+        sequence's length are computed but never read by a valid row (keys past the length are masked)."""
+        B, N, D = x.shape
+        u, v, q, k = self._project(x)
+        shape = (B, N, self.H, self.d)
+        attn = hstu_attention_padded(q.reshape(shape), k.reshape(shape), v.reshape(shape), lengths,
+                                     ts_q=next_ts, ts_k=ts, last_only=last_only, **self._attention_kw())
+        if last_only:
+            last = (lengths - 1)[:, None, None].expand(B, 1, D)
+            x, u = x.gather(1, last)[:, 0], u.gather(1, last)[:, 0]  # (B, D)
+        return self._output(x, u, attn.reshape(*x.shape[:-1], D))

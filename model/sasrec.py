@@ -65,3 +65,18 @@ class SASRecBlock(nn.Module):
         a = causal_attention(q, k, v, offsets, max_len, self.p if self.training else 0.0).reshape(L, D)
         x = x + self.dropout(self.proj(a))
         return x + self.dropout(self.ffn(self.norm_ffn(x)))
+
+    def forward_padded(self, x: torch.Tensor, lengths: torch.Tensor, ts=None, next_ts=None,
+                       last_only: bool = False) -> torch.Tensor:
+        """The same block on right-padded x (B, N, D) with lengths (B,) >= 1 (the exportable form; eval
+        only, no attention dropout) -> (B, N, D), or (B, D) with `last_only`."""
+        B, N, D = x.shape
+        q, k, v = self.qkv(self.norm_attn(x)).reshape(B, N, 3, self.H, D // self.H).unbind(2)  # (B, N, H, d)
+        j = torch.arange(N, device=x.device)
+        # causal and in-range keys; a padded row still sees key 0, so SDPA never returns NaN
+        mask = (j[:, None] >= j[None, :])[None] & (j[None, :] < lengths[:, None])[:, None, :]  # (B, N, N)
+        t = lambda y: y.transpose(1, 2)  # noqa: E731  (B, N, H, d) <-> (B, H, N, d)
+        a = t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask[:, None])).reshape(B, N, D)
+        x = x + self.dropout(self.proj(a))
+        x = x + self.dropout(self.ffn(self.norm_ffn(x)))
+        return x.gather(1, (lengths - 1)[:, None, None].expand(B, 1, D))[:, 0] if last_only else x

@@ -12,6 +12,8 @@ item); both score the same item table.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,6 +66,21 @@ class SeqRecModel(nn.Module):
             x = block(x, batch.offsets, batch.timestamps, batch.next_timestamps, max_len, plan, last_only=final)
         return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
 
+    def encode_padded(self, item_ids: torch.Tensor, actions: torch.Tensor, timestamps: torch.Tensor,
+                      next_timestamps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Right-padded histories (B, N) + lengths (B,) >= 1 -> each sequence's last state (B, D), unit
+        norm: what `forward(batch, last_only=True)` returns for the jagged form of the same tokens (item
+        tokens only, no queries), written without data-dependent shapes so torch.export can trace it
+        with symbolic B and N (serving's program.pt2). Equality: tests/test_export.py."""
+        B, N = item_ids.shape
+        positions = torch.arange(N, device=item_ids.device)[None, :].expand(B, N)
+        zeros = torch.zeros_like(item_ids)
+        tokens = _Tokens(item_ids=item_ids, query_ids=zeros, token_types=zeros, actions=actions)
+        x = self.embed(tokens, positions)  # (B, N, D)
+        for i, block in enumerate(self.blocks):
+            x = block.forward_padded(x, lengths, timestamps, next_timestamps, last_only=i == len(self.blocks) - 1)
+        return F.normalize(self.final_norm(x), dim=-1, eps=1e-6)
+
     def code_trie(self, items: torch.Tensor | None = None) -> CodeTrie:
         """Prefix trie of the semantic-ID tuples of `items` (sorted ids; None = every item), built once per
         item set, on the codes' device. Training passes the warm items, decoding uses every item."""
@@ -75,8 +92,32 @@ class SeqRecModel(nn.Module):
         return trie
 
 
+@dataclass
+class _Tokens:
+    """The per-token fields TokenEmbedding reads, in any shape (here (B, N))."""
+
+    item_ids: torch.Tensor
+    query_ids: torch.Tensor
+    token_types: torch.Tensor
+    actions: torch.Tensor
+
+
 def build_model(cfg: ModelConfig, manifest: dict, max_len: int, feats: ItemFeatures | None = None) -> SeqRecModel:
     """The model for a shard set: vocab sizes come from its manifest; `feats` (semantic-ID codes, content
     vectors) from `model.items.load_item_features` when cfg.item_repr needs them."""
     v = manifest["vocab"]
     return SeqRecModel(cfg, v["num_items"], v["num_queries"], max_len, feats)
+
+
+ENCODE_INPUTS = ("item_ids", "actions", "timestamps", "next_timestamps", "lengths")  # encode_padded's arguments
+
+
+def model_from_state(cfg: ModelConfig, facts: dict, state: dict[str, torch.Tensor]) -> SeqRecModel:
+    """The eval-mode model from exported weights alone (train/export.py writes them, serve/ reads them):
+    semantic-ID codes and content vectors are buffers inside `state`. facts: num_items, num_queries,
+    max_len, level_sizes (None without codes). Loads strictly: a missing or extra tensor raises."""
+    feats = ItemFeatures(codes=state.get("embed.item.codes"), level_sizes=facts.get("level_sizes"),
+                         content=state.get("embed.item.content"))
+    model = SeqRecModel(cfg, facts["num_items"], facts["num_queries"], facts["max_len"], feats)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    return model.eval()

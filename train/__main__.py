@@ -7,6 +7,15 @@ import sys
 from configs.load import ConfigError, help_text, load_config
 from configs.schema import PretrainConfig
 
+EXPORT_HELP = """Export a run: consolidate its checkpoint (any ZeRO stage) into one folder that serving loads:
+model.safetensors, config.json, items.jsonl.gz, item_index.safetensors, semantic_ids/ (when the model has
+codes), program.pt2 (torch.export of the encoder, checked against the eager model), README.md (model
+card) and export.json (provenance + sha256 of every file).
+
+    python -m train export --run runs/ml1m_hstu --out exports/ml1m_hstu
+    python -m serve --export exports/ml1m_hstu --port 8000
+"""
+
 
 def input_error(e: Exception) -> int:
     """A bad config, shard set or input file is the user's to fix: its one-line message, exit code 2."""
@@ -27,7 +36,26 @@ def main(argv=None) -> int:
     s.add_argument("--resume", action="store_true",
                    help="continue from run_dir/ckpt/last (the end of the last finished epoch)")
     s.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    e = sub.add_parser("export", help="a run -> a self-describing folder that serving loads",
+                       description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("--run", required=True, help="run directory (config.json, metrics.json, ckpt/)")
+    e.add_argument("--tag", default="best", help="checkpoint tag: best (the tested weights, default) or last")
+    e.add_argument("--out", required=True, help="export folder to write, e.g. exports/ml1m_hstu")
+    e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="weight dtype in model.safetensors")
+    e.add_argument("--aoti", action="store_true",
+                   help="also compile program.pt2 with AOTInductor (program_aoti.pt2; needs a C++ compiler, minutes)")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
     args = p.parse_args(argv)
+    if args.command == "export":
+        from train.export import ExportError
+        from train.export import main as export
+        try:
+            rec = export(args.run, args.out, args.tag, args.dtype, args.aoti, args.overwrite)
+        except (ConfigError, ExportError, FileNotFoundError) as err:
+            return input_error(err)
+        print(f"exported {args.run} ({args.tag}, epoch {rec['best_epoch']}) -> {args.out}: {len(rec['files'])} files, "
+              f"program max |diff| vs eager {rec['program_max_abs_diff']:.2g}")
+        return 0
     if args.command == "pretrain":
         from data_pipeline.read_shards import ShardError
         from data_pipeline.schema import DataError

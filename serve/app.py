@@ -1,0 +1,190 @@
+"""The HTTP API over a loaded export (FastAPI; `python -m serve` runs it under uvicorn).
+
+    POST /recommend  {history: [raw ids], timestamps?: [unix s], now?: unix s, actions?: [codes], k: 10,
+                      exclude_history: true, exclude?: [raw ids], head?: "retrieval"|"generative", beam?: 50}
+                  -> {items: [{id, score, title}], model, took_ms, warnings: [...], fallback: null|"popularity"}
+    POST /search     {query, history?, k?}  -> 501 until the model has a query path
+    GET  /health, /ready, /items/{id}, /metrics (Prometheus text)
+
+Bad input is a 4xx naming the field, never a 5xx: JSON types are strict (a number sent as a string is
+refused, not coerced), unknown fields are refused (a misspelt `exclude_histroy` would otherwise be
+ignored silently), bodies over max_body_bytes get 413 before they are read.
+"""
+# no `from __future__ import annotations`: FastAPI reads the endpoint annotations at definition time, and
+# the request models are local to make_app (their limits come from the config)
+import json
+import time
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from configs.schema import ServeConfig
+from serve.engine import MicroBatcher, Prepared, Recommender, RequestError
+
+TIME_MAX = 1 << 42  # unix seconds (year ~141,000): anything larger is a unit mistake (ms or ns)
+RawId = StrictStr | StrictInt
+
+
+def request_models(cfg: ServeConfig):
+    """Pydantic request models with this server's limits."""
+    class RecommendRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        history: list[RawId] = Field(max_length=cfg.max_history)
+        timestamps: list[StrictInt] | None = Field(None, max_length=cfg.max_history)
+        now: StrictInt | None = Field(None, ge=0, le=TIME_MAX)
+        actions: list[StrictInt] | None = Field(None, max_length=cfg.max_history)
+        k: StrictInt = 10
+        exclude_history: StrictBool = True
+        exclude: list[RawId] = Field(default_factory=list, max_length=cfg.max_history)
+        head: Literal["retrieval", "generative"] = "retrieval"
+        beam: StrictInt = 50
+
+    class SearchRequest(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        query: StrictStr
+        history: list[RawId] = Field(default_factory=list, max_length=cfg.max_history)
+        k: StrictInt = 10
+
+    return RecommendRequest, SearchRequest
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a body over `limit` bytes, by Content-Length or by counting the stream."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await _too_large(send, self.limit)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return msg
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _too_large(send, self.limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send, limit: int) -> None:
+    body = json.dumps({"detail": f"request body over {limit} bytes (serve max_body_bytes)"}).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _metrics(registry: CollectorRegistry) -> dict:
+    return dict(
+        requests=Counter("unirec_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+                         registry=registry),
+        errors=Counter("unirec_errors", "5xx answers by endpoint", ["endpoint"], registry=registry),
+        latency=Histogram("unirec_request_seconds", "request latency in the server", ["endpoint"], registry=registry,
+                          buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2, 5)),
+        batch=Histogram("unirec_batch_size", "requests per forward pass", registry=registry,
+                        buckets=(1, 2, 4, 8, 16, 32, 64, 128)),
+    )
+
+
+def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
+    """The FastAPI app over `rec`; its lifespan starts the micro-batcher and warms the encoder up."""
+    exp, registry = rec.exp, CollectorRegistry()
+    m = _metrics(registry)
+    batcher = MicroBatcher(rec.run, cfg.max_batch, cfg.max_wait_ms, on_batch=m["batch"].observe)
+    state = {"ready": False}
+    RecommendRequest, SearchRequest = request_models(cfg)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        first = int(exp.popular[0]) if len(exp.popular) else 1
+        await batcher.submit(rec.prepare([exp.items[first - 1]["item_id"]], k=1))  # first call compiles/warms
+        state["ready"] = True
+        yield
+        state["ready"] = False
+        await batcher.stop()
+
+    app = FastAPI(title="unirec serve", lifespan=lifespan)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # FastAPI's own handler echoes the offending input, which fails to serialise when it is NaN/inf
+        # (Python's json reads those tokens): a 422 for bad input must never become a 500
+        errors = [dict(loc=list(e.get("loc", ())), msg=e.get("msg", ""), type=e.get("type", ""),
+                       input=repr(e.get("input"))[:200]) for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        route = request.scope.get("route")
+        try:
+            response = await call_next(request)
+        except Exception as e:  # noqa: BLE001  a bug must cost one request a 500, never the server
+            response = JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
+        endpoint = getattr(request.scope.get("route", route), "path", "unmatched")
+        m["requests"].labels(endpoint, str(response.status_code)).inc()
+        m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
+        if response.status_code >= 500:
+            m["errors"].labels(endpoint).inc()
+        return response
+
+    @app.post("/recommend")
+    async def recommend(req: RecommendRequest):
+        t0 = time.perf_counter()
+        try:
+            prepared: Prepared = rec.prepare(**req.model_dump())
+        except RequestError as e:
+            return JSONResponse({"detail": [{"loc": ["body", e.field_name], "msg": str(e)}]}, status_code=422)
+        answer = await batcher.submit(prepared)
+        items = [dict(id=exp.items[i - 1]["item_id"], score=s, title=exp.items[i - 1].get("title"))
+                 for i, s in answer.hits]
+        return dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
+                    warnings=prepared.warnings, fallback=answer.fallback)
+
+    @app.post("/search")
+    async def search(req: SearchRequest):
+        return JSONResponse({"detail": "search is not available: this model has no query path yet (it answers "
+                                       "/recommend only); query-text search is the next capability"},
+                            status_code=501)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        ok = state["ready"] and batcher.running
+        body = dict(ready=ok, model=exp.model_id, items=exp.num_items, servable=rec.num_servable,
+                    encoder=rec.encoder, index=type(rec.index).__name__)
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/items/{item_id}")
+    async def item(item_id: str):
+        dense = exp.index_of.get(item_id)
+        if dense is None:
+            return JSONResponse({"detail": f"unknown item id {item_id!r}"}, status_code=404)
+        return exp.items[dense - 1]
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return BodyLimit(app, cfg.max_body_bytes)

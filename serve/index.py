@@ -1,0 +1,108 @@
+"""Top-k retrieval over the exported item table: exact (default) or faiss (very large catalogues).
+
+    index = build_index(table, servable, kind="exact")   # table (I+1, D) unit rows, row 0 = padding
+    ids, scores = index.search(states, k, exclude)        # states (B, D) -> (B, k) int64, (B, k) float32
+
+Scores are the model's retrieval scores, <state, item> on unit vectors (cosine). Row 0 (padding) and
+rows with `servable` False (an ID-only model's never-trained items: offline evaluation does not rank
+them either) are never returned; `exclude[b]` (dense ids) are never returned for request b.
+Ties are broken by the lower item id, so an answer does not depend on the batch it was computed in.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+INDEX_KINDS = ("exact", "faiss")
+
+
+class ExactIndex:
+    """Brute-force inner product in fp32: (B x D) @ (D x I), then a top-k. 12k items x D 50 is 0.6M
+    multiply-adds per request; a 1M-item catalogue ~50M (a few ms on one core)."""
+
+    def __init__(self, table: torch.Tensor, servable: torch.Tensor):
+        self.table = table.float().contiguous()  # (I+1, D)
+        self.blocked = ~servable.bool()  # (I+1,)
+        self.blocked[0] = True
+        self.num_servable = int((~self.blocked).sum())
+
+    def search(self, states: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        states = torch.as_tensor(states, dtype=torch.float32)
+        scores = states @ self.table.T  # (B, I+1)
+        scores[:, self.blocked] = -torch.inf
+        for b, ex in enumerate(exclude or []):
+            if len(ex):
+                scores[b, torch.as_tensor(ex, dtype=torch.long)] = -torch.inf
+        k = min(k, scores.shape[1])
+        # topk's order among equal scores is unspecified: take the k-th score, then sort the candidates
+        # at or above it by (-score, id), so ties resolve to the lower id whatever the batch
+        top = torch.topk(scores, k, dim=1).values[:, -1:]  # (B, 1)
+        out_ids, out_scores = np.zeros((len(scores), k), np.int64), np.zeros((len(scores), k), np.float32)
+        for b in range(len(scores)):
+            cand = torch.nonzero(scores[b] >= top[b], as_tuple=True)[0]
+            s = scores[b, cand]
+            order = np.lexsort((cand.numpy(), -s.numpy()))[:k]
+            out_ids[b, :len(order)], out_scores[b, :len(order)] = cand.numpy()[order], s.numpy()[order]
+        return _drop_blocked(out_ids, out_scores)
+
+
+def _drop_blocked(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Slots that could only be filled by blocked items (k > what is left) get id 0 and score -inf;
+    callers trim them (`valid_hits`)."""
+    bad = ~np.isfinite(scores)
+    ids[bad], scores[bad] = 0, -np.inf
+    return ids, scores
+
+
+def valid_hits(ids: np.ndarray, scores: np.ndarray) -> list[tuple[int, float]]:
+    """One row of `search` -> [(id, score)] without the unfillable slots."""
+    return [(int(i), float(s)) for i, s in zip(ids, scores) if i > 0]
+
+
+class FaissIndex:
+    """faiss IVF-Flat inner-product index over the servable rows (faiss-cpu, the `faiss` extra). It
+    searches `nprobe` of `nlist` clusters, so it is approximate: bench/serve.py reports its recall@100
+    against ExactIndex. Excluded ids are filtered after an over-fetch of k + len(exclude)."""
+
+    def __init__(self, table: torch.Tensor, servable: torch.Tensor, nlist: int | None = None, nprobe: int = 32,
+                 seed: int = 0):
+        try:
+            import faiss
+        except ImportError as e:
+            raise ImportError("--index faiss needs faiss-cpu: pip install -e '.[faiss]'") from e
+        servable = servable.bool().clone()
+        servable[0] = False
+        self.ids = torch.nonzero(servable, as_tuple=True)[0].numpy().astype(np.int64)  # faiss row -> dense id
+        x = np.ascontiguousarray(table.float().numpy()[self.ids])  # (n, D)
+        n, D = x.shape
+        self.nlist = nlist or max(1, min(4 * int(np.sqrt(n)), n // 39))  # faiss warns below 39 points per list
+        quantizer = faiss.IndexFlatIP(D)
+        self.index = faiss.IndexIVFFlat(quantizer, D, self.nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        train = x[rng.choice(n, size=min(n, 256 * self.nlist), replace=False)]
+        self.index.train(train)
+        self.index.add(x)
+        self.index.nprobe = min(nprobe, self.nlist)
+        self.num_servable = n
+
+    def search(self, states: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(torch.as_tensor(states, dtype=torch.float32).numpy())
+        extra = max((len(e) for e in exclude), default=0) if exclude else 0
+        fetch = min(k + extra, self.num_servable)
+        scores, rows = self.index.search(q, fetch)  # (B, fetch); rows -1 where a probe found too few
+        out_ids, out_scores = np.zeros((len(q), k), np.int64), np.full((len(q), k), -np.inf, np.float32)
+        for b in range(len(q)):
+            ids = np.where(rows[b] >= 0, self.ids[np.maximum(rows[b], 0)], 0)
+            keep = (rows[b] >= 0) & ~np.isin(ids, exclude[b] if exclude else [])
+            order = np.lexsort((ids[keep], -scores[b][keep]))[:k]
+            out_ids[b, :len(order)], out_scores[b, :len(order)] = ids[keep][order], scores[b][keep][order]
+        return _drop_blocked(out_ids, out_scores)
+
+
+def build_index(table: torch.Tensor, servable: torch.Tensor, kind: str = "exact", **kw) -> ExactIndex | FaissIndex:
+    """table (I+1, D) unit rows, servable (I+1,) bool -> an index with `search(states, k, exclude)`."""
+    if kind not in INDEX_KINDS:
+        raise ValueError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
+    return ExactIndex(table, servable) if kind == "exact" else FaissIndex(table, servable, **kw)

@@ -1,0 +1,155 @@
+"""Load an export folder (written by `python -m train export`), verifying it before anything runs.
+
+    exp = load_export("exports/ml1m_hstu")     # raises ExportLoadError naming the file on any problem
+
+Checks, in order: export.json parses and has this format; every file it lists exists and matches its
+sha256 (a tampered, truncated or missing file fails here, by name); the required files are among them;
+config.json's model config has known keys; the weights load strictly into the model it describes; the
+item index and items.jsonl.gz agree with the config's catalogue size. Never imports train/ or DeepSpeed.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from configs.schema import ModelConfig
+from model.seqrec import SeqRecModel, model_from_state
+
+FORMAT, FORMAT_VERSION = "unirec-export", 1
+REQUIRED = ("model.safetensors", "config.json", "items.jsonl.gz", "item_index.safetensors", "program.pt2",
+            "README.md")
+CONFIG_KEYS = ("model", "max_len", "num_items", "num_queries", "dim", "has_timestamps", "domains", "program_inputs")
+
+
+class ExportLoadError(RuntimeError):
+    """An export folder that is incomplete, corrupt, tampered with or of another format; names the file."""
+
+
+@dataclass
+class Export:
+    """A verified export: everything serving needs, in memory."""
+
+    path: Path
+    record: dict  # export.json
+    config: dict  # config.json
+    model: SeqRecModel  # eager, eval mode (also holds the generative head when there is one)
+    table: torch.Tensor  # (I+1, D) unit-norm item vectors, row 0 = padding
+    servable: torch.Tensor  # (I+1,) bool: may be returned (row 0 and untrained cold items never are)
+    items: list[dict]  # items.jsonl.gz rows; items[i - 1] is dense id i
+    index_of: dict[str, int]  # raw item id -> dense id
+    popular: np.ndarray  # servable dense ids, most trained-on first (the empty-history fallback)
+
+    @property
+    def model_id(self) -> str:
+        """Short id of the weights (sha256 of model.safetensors), returned with every answer."""
+        return self.record["files"]["model.safetensors"][:12]
+
+    @property
+    def max_len(self) -> int:
+        return int(self.config["max_len"])
+
+    @property
+    def num_items(self) -> int:
+        return int(self.config["num_items"])
+
+    def load_program(self, kind: str = "program"):
+        """The compiled encoder: 'program' (torch.export, program.pt2) or 'aoti' (program_aoti.pt2)."""
+        if kind == "program":
+            return torch.export.load(self.path / "program.pt2").module()
+        if kind == "aoti":
+            if "program_aoti.pt2" not in self.record["files"]:
+                raise ExportLoadError(f"{self.path} has no program_aoti.pt2 (export with --aoti)")
+            from torch._inductor import aoti_load_package
+            return aoti_load_package(str(self.path / "program_aoti.pt2"))
+        raise ValueError(f"encoder program kind must be 'program' or 'aoti', got {kind!r}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise ExportLoadError(f"{path} is missing: not an export folder (python -m train export writes one)")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ExportLoadError(f"{path} is not valid JSON ({e})") from e
+
+
+def verify_files(path: Path, record: dict) -> None:
+    """Every file export.json lists exists with its sha256; every required file is listed."""
+    if record.get("format") != FORMAT or record.get("format_version") != FORMAT_VERSION:
+        raise ExportLoadError(f"{path / 'export.json'}: format {record.get('format')!r} version "
+                              f"{record.get('format_version')!r}, this server reads {FORMAT!r} {FORMAT_VERSION}")
+    files = record.get("files")
+    if not isinstance(files, dict):
+        raise ExportLoadError(f"{path / 'export.json'} has no 'files' table of sha256s")
+    for name in REQUIRED:
+        if name not in files:
+            raise ExportLoadError(f"{path / 'export.json'} does not list {name}")
+    for name, want in files.items():
+        p = path / name
+        if not p.is_file():
+            raise ExportLoadError(f"{p} is missing (export.json lists it)")
+        if _sha256(p) != want:
+            raise ExportLoadError(f"{p} fails its sha256 in export.json (corrupt or modified)")
+
+
+def _model_config(path: Path, config: dict) -> ModelConfig:
+    for key in CONFIG_KEYS:
+        if key not in config:
+            raise ExportLoadError(f"{path / 'config.json'} has no {key!r}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(config["model"]) - known)
+    if unknown:
+        raise ExportLoadError(f"{path / 'config.json'}: unknown model keys {unknown} (an export from a newer version?)")
+    return ModelConfig(**config["model"])
+
+
+def _load_items(path: Path, num_items: int) -> list[dict]:
+    try:
+        with gzip.open(path / "items.jsonl.gz", "rt") as f:
+            items = [json.loads(line) for line in f]
+    except (OSError, json.JSONDecodeError, EOFError) as e:
+        raise ExportLoadError(f"{path / 'items.jsonl.gz'} does not read ({e})") from e
+    if len(items) != num_items or any(r.get("id") != i + 1 for i, r in enumerate(items)):
+        raise ExportLoadError(f"{path / 'items.jsonl.gz'} must hold dense ids 1..{num_items} in order")
+    return items
+
+
+def load_export(path: str | Path) -> Export:
+    """Verify and load an export folder (see the module docstring)."""
+    path = Path(path)
+    record = _read_json(path / "export.json")
+    verify_files(path, record)
+    config = _read_json(path / "config.json")
+    cfg = _model_config(path, config)
+    try:
+        state = load_file(path / "model.safetensors")
+        model = model_from_state(cfg, config, state)
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise ExportLoadError(f"{path / 'model.safetensors'} does not fit config.json's model: {e}") from e
+    index = load_file(path / "item_index.safetensors")
+    table, servable = index.get("items"), index.get("servable")
+    I, D = int(config["num_items"]), int(config["dim"])
+    if table is None or servable is None or table.shape != (I + 1, D) or servable.shape != (I + 1,):
+        raise ExportLoadError(f"{path / 'item_index.safetensors'} must hold items ({I + 1}, {D}) and servable "
+                              f"({I + 1},) for config.json's catalogue")
+    items = _load_items(path, I)
+    index_of = {r["item_id"]: r["id"] for r in items}
+    counts = np.array([0] + [r.get("train_count", 0) for r in items], dtype=np.int64)
+    ids = np.nonzero(servable.numpy())[0]
+    popular = ids[np.lexsort((ids, -counts[ids]))]  # most trained-on first, ties by id
+    return Export(path, record, config, model, table.float(), servable.bool(), items, index_of, popular)

@@ -1,0 +1,278 @@
+"""Export: a run directory -> one self-describing folder that serving loads, needing nothing else.
+
+    python -m train export --run runs/ml1m_hstu --tag best --out exports/ml1m_hstu [--dtype bf16] [--aoti]
+
+run (config.json, metrics.json, ckpt/<tag> at any ZeRO stage) + its shard folder (manifest, catalog,
+semantic IDs, training counts) -> OUT/
+    model.safetensors       weights (fp32, or bf16 with --dtype bf16; buffers such as codes stay exact)
+    config.json             model config + the data facts the model needs (max_len, vocab, time settings)
+    items.jsonl.gz          dense id -> raw id, domain, title, cold, servable, train_count (0 = padding left out)
+    item_index.safetensors  "items" (I+1, D): the unit-norm table the retrieval head scores; "servable" (I+1,)
+    semantic_ids/           codes + codebook, when the shards have them (the trie is built from the codes)
+    program.pt2             torch.export of the encoder (padded histories -> last state), dynamic B and N
+    program_aoti.pt2        with --aoti: the same program compiled by AOTInductor
+    README.md               model card
+    export.json             provenance + sha256 of every other file (serve.load_export verifies them all)
+
+The folder is written as OUT.partial and swapped into place only when complete and verified.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from configs.load import load_config
+from configs.provenance import git_sha
+from configs.schema import LoaderConfig, PretrainConfig
+from data_pipeline.atomic_dir import swap_into_place
+from data_pipeline.collate import JaggedBatch
+from data_pipeline.read_shards import cold_items, load_manifest
+from model.seqrec import ENCODE_INPUTS, SeqRecModel, model_from_state
+from train.baselines import item_counts
+from train.engine import consolidated_state_dict
+
+FORMAT, FORMAT_VERSION = "unirec-export", 1
+PROGRAM_INPUTS = ENCODE_INPUTS
+TOLERANCE = 1e-5  # max |program - eager| on unit-norm states, checked at export time
+
+
+class ExportError(RuntimeError):
+    """The run cannot be exported as asked (missing checkpoint, program differs from eager, ...)."""
+
+
+class Encoder(torch.nn.Module):
+    """What program.pt2 holds: right-padded histories (B, N) int64 + lengths (B,) -> last states (B, D)."""
+
+    def __init__(self, model: SeqRecModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, item_ids, actions, timestamps, next_timestamps, lengths):
+        return self.model.encode_padded(item_ids, actions, timestamps, next_timestamps, lengths)
+
+
+def random_histories(num_items: int, max_len: int, lengths: list[int], gen: torch.Generator) -> dict:
+    """Right-padded random histories with the given lengths: the padded tensors and the jagged batch."""
+    B, N = len(lengths), max(lengths)
+    lens = torch.tensor(lengths)
+    valid = torch.arange(N)[None, :] < lens[:, None]  # (B, N)
+    ids = torch.randint(1, num_items + 1, (B, N), generator=gen) * valid
+    acts = torch.randint(0, 9, (B, N), generator=gen) * valid
+    ts = torch.sort(torch.randint(1_000_000_000, 1_700_000_000, (B, N), generator=gen), 1).values * valid
+    nts = torch.cat([ts[:, 1:], ts[:, -1:]], 1)
+    nts[torch.arange(B), lens - 1] = ts[torch.arange(B), lens - 1] + torch.randint(0, 10**6, (B,), generator=gen)
+    nts = nts * valid
+    padded = dict(item_ids=ids, actions=acts, timestamps=ts, next_timestamps=nts, lengths=lens)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+    z = torch.zeros(int(lens.sum()), dtype=torch.long)
+    batch = JaggedBatch(item_ids=ids[valid], query_ids=z, timestamps=ts[valid], next_timestamps=nts[valid],
+                        actions=acts[valid], token_types=z, domains=z, targets=z, offsets=offsets,
+                        domain=torch.zeros(B, dtype=torch.long), user=torch.arange(B))
+    return dict(padded=padded, batch=batch)
+
+
+def check_lengths(max_len: int, gen: torch.Generator) -> list[list[int]]:
+    """Length sets for the export-time check: 1 and max_len always, random ones in between."""
+    rnd = torch.randint(1, max_len + 1, (6,), generator=gen).tolist()
+    return [[1, max_len] + rnd[:3], [max_len, 2] + rnd[3:], [1]]
+
+
+@torch.no_grad()
+def verify_program(program, model: SeqRecModel, num_items: int, max_len: int, seed: int = 0) -> float:
+    """Max |program(padded) - model(jagged, last_only)| over random histories of lengths 1..max_len;
+    raises ExportError above TOLERANCE."""
+    gen, worst = torch.Generator().manual_seed(seed), 0.0
+    for lengths in check_lengths(max_len, gen):
+        h = random_histories(num_items, max_len, lengths, gen)
+        want = model(h["batch"], last_only=True)
+        got = program(*(h["padded"][k] for k in PROGRAM_INPUTS))
+        worst = max(worst, float((got - want).abs().max()))
+        if not worst <= TOLERANCE:  # NaN fails too
+            raise ExportError(f"the exported program differs from the eager model by {worst:.3g} (> {TOLERANCE}) "
+                              f"on histories of lengths {lengths}")
+    return worst
+
+
+def export_program(model: SeqRecModel, max_len: int):
+    """torch.export of Encoder(model), dynamic in batch size (1..4096) and history length (1..max_len)."""
+    from torch.export import Dim
+    h = random_histories(model.embed.item.num_items, max_len, [min(3, max_len), min(5, max_len), 2],
+                         torch.Generator().manual_seed(1))
+    B, N = Dim("batch", min=1, max=4096), Dim("history", min=1, max=max_len)
+    dyn = {k: {0: B, 1: N} for k in PROGRAM_INPUTS[:-1]} | {"lengths": {0: B}}
+    with torch.no_grad():
+        return torch.export.export(Encoder(model), tuple(h["padded"][k] for k in PROGRAM_INPUTS), dynamic_shapes=dyn)
+
+
+@torch.no_grad()
+def item_table(model: SeqRecModel, chunk: int = 65536) -> torch.Tensor:
+    """(I+1, D) unit-norm item vectors (row 0 = padding, zero), exactly as the evaluator scores them."""
+    n = model.embed.item.num_items + 1
+    rows = [F.normalize(model.embed.item(torch.arange(lo, min(lo + chunk, n))).float(), dim=-1, eps=1e-6)
+            for lo in range(0, n, chunk)]
+    return torch.cat(rows)
+
+
+def item_rows(shards: Path, manifest: dict, servable: np.ndarray, counts: np.ndarray) -> list[dict]:
+    """items.jsonl.gz rows from the shard catalog (every dense id 1..I, cold items included)."""
+    maps, cold = manifest["id_maps"], set(cold_items(manifest).tolist())
+    catalog = {}
+    path = shards / manifest.get("catalog", "catalog.jsonl.gz")
+    if path.exists():
+        with gzip.open(path, "rt") as f:
+            catalog = {r["id"]: r for r in map(json.loads, f)}
+    domains = maps["domains"]
+    out = []
+    for i in range(1, manifest["vocab"]["num_items"] + 1):
+        row = catalog.get(i, {})
+        dom = maps["item_domain"][i] if "item_domain" in maps else -1
+        out.append(dict(id=i, item_id=maps["items"][i], domain=row.get("domain", domains[dom] if dom >= 0 else None),
+                        title=row.get("title") or None, cold=i in cold, servable=bool(servable[i]),
+                        train_count=int(counts[i])))
+    return out
+
+
+def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel) -> dict:
+    v = manifest["vocab"]
+    return dict(format=FORMAT, format_version=FORMAT_VERSION, model=asdict(cfg.model), max_len=cfg.data.max_len,
+                num_items=v["num_items"], num_queries=v["num_queries"], dim=cfg.model.dim,
+                level_sizes=model.embed.item.level_sizes, has_timestamps=manifest.get("has_timestamps", True),
+                dataset=manifest["dataset"], domains=manifest["id_maps"]["domains"],
+                exclude_history=cfg.eval.exclude_history, program_inputs=list(PROGRAM_INPUTS),
+                timestamps=("unix seconds" if manifest.get("has_timestamps", True) else
+                            "per-user chronological ranks 0, 1, 2, ... (the source has no times)"))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32", aoti: bool = False,
+         overwrite: bool = False, command: str | None = None) -> dict:
+    """Export run/ckpt/<tag> to `out`; returns export.json's content."""
+    run, out = Path(run), Path(out)
+    # ---- the run: config, metrics, weights of any ZeRO stage ------------------------------------------
+    if dtype not in ("fp32", "bf16"):
+        raise ExportError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists (--overwrite replaces it)")
+    for name in ("config.json", "metrics.json"):
+        if not (run / name).exists():
+            raise ExportError(f"{run / name} not found: export needs a finished run (config.json, metrics.json, ckpt/)")
+    cfg = load_config(PretrainConfig, run / "config.json")
+    metrics = json.loads((run / "metrics.json").read_text())
+    if not (run / "ckpt" / tag).is_dir():
+        raise ExportError(f"no checkpoint {run / 'ckpt' / tag} (tags: best = the tested weights, last)")
+    state = consolidated_state_dict(run / "ckpt", tag)
+    shards = Path(cfg.shards)
+    manifest = load_manifest(shards)
+    if manifest["content_hash"] != metrics.get("manifest_hash"):
+        raise ExportError(f"{shards} is not the shard set the run trained on (manifest hash "
+                          f"{manifest['content_hash'][:12]} vs the run's {str(metrics.get('manifest_hash'))[:12]})")
+    facts = dict(num_items=manifest["vocab"]["num_items"], num_queries=manifest["vocab"]["num_queries"],
+                 max_len=cfg.data.max_len, level_sizes=(manifest.get("semantic_ids") or {}).get("level_sizes"))
+    model = model_from_state(cfg.model, facts, state)
+
+    # ---- the program, checked against the eager model -------------------------------------------------
+    tmp = out.parent / f".{out.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    t0 = time.perf_counter()
+    program = export_program(model, cfg.data.max_len)
+    torch.export.save(program, tmp / "program.pt2")
+    program_diff = verify_program(torch.export.load(tmp / "program.pt2").module(), model, facts["num_items"],
+                                  cfg.data.max_len)
+    export_s = time.perf_counter() - t0
+    aoti_diff = None
+    if aoti:
+        from torch._inductor import aoti_compile_and_package, aoti_load_package
+        aoti_compile_and_package(program, package_path=str(tmp / "program_aoti.pt2"))
+        aoti_diff = verify_program(aoti_load_package(str(tmp / "program_aoti.pt2")), model, facts["num_items"],
+                                   cfg.data.max_len)
+
+    # ---- weights, item index, items, codes -------------------------------------------------------------
+    cast = torch.bfloat16 if dtype == "bf16" else torch.float32
+    save_file({k: (v.to(cast) if v.is_floating_point() and k != "embed.item.content" else v).contiguous()
+               for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    cold = cold_items(manifest)
+    servable = np.ones(facts["num_items"] + 1, dtype=bool)
+    servable[0] = False
+    if cfg.model.item_repr == "id" and len(cold):  # no trained vector: offline evaluation does not rank them
+        servable[cold] = False
+    save_file({"items": item_table(model), "servable": torch.from_numpy(servable)}, tmp / "item_index.safetensors")
+    counts = item_counts(shards, facts["num_items"], loader=LoaderConfig(skip_bad_shards=cfg.data.skip_bad_shards))
+    with gzip.open(tmp / "items.jsonl.gz", "wt") as f:
+        for row in item_rows(shards, manifest, servable, counts):
+            f.write(json.dumps(row) + "\n")
+    if manifest.get("semantic_ids"):
+        shutil.copytree(shards / manifest["semantic_ids"]["path"], tmp / "semantic_ids")
+    write_json(tmp / "config.json", data_facts(cfg, manifest, model))
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record = dict(format=FORMAT, format_version=FORMAT_VERSION, created=created,
+                  git_sha=git_sha(), run=str(run), tag=tag, best_epoch=metrics.get("best_epoch"),
+                  run_config_sha256=sha256(run / "config.json"), manifest_hash=manifest["content_hash"],
+                  dataset=manifest["dataset"], test=metrics.get("test"), test_generative=metrics.get("test_generative"),
+                  command=command or " ".join(["python -m train export"] + sys.argv[2:]), dtype=dtype,
+                  program_max_abs_diff=program_diff, aoti_max_abs_diff=aoti_diff,
+                  export_seconds=round(export_s, 1))
+    (tmp / "README.md").write_text(model_card(record, data_facts(cfg, manifest, model), servable))
+    record["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_json(tmp / "export.json", record)
+    swap_into_place(tmp, out)
+    return record
+
+
+def model_card(rec: dict, facts: dict, servable: np.ndarray) -> str:
+    m, test = facts["model"], rec.get("test") or {}
+    metric = lambda k: f"{test[k]:.4f}" if isinstance(test.get(k), float) else "n/a"  # noqa: E731
+    gen = "yes (semantic-ID beam search over the codes in model.safetensors)" if m["generative_head"] else "no"
+    layers = f"{m['num_layers']} x {m['arch'].upper()} ({m['layer_variant']}), D {m['dim']}, {m['num_heads']} head(s)"
+    return f"""# {rec['dataset']} sequential recommender ({m['arch']})
+
+Exported {rec['created']} from `{rec['run']}` (checkpoint `{rec['tag']}`, epoch {rec['best_epoch']}) at git
+{rec['git_sha'][:12]} by `{rec['command']}`.
+
+## What it is
+An encoder of a user's item history: {layers}, item representation `{m['item_repr']}`,
+relative position bias {m['pos_bias']}, relative time bias {m['time_bias']}, max history {facts['max_len']} events.
+It maps the history to one unit vector; items are ranked by its dot product with `item_index.safetensors`
+(`items`, {facts['num_items']:,} items + padding row 0; {int(servable.sum()):,} servable).
+Generative head: {gen}.
+
+## Data and metrics
+Trained on `{rec['dataset']}` (shard manifest {rec['manifest_hash'][:12]}); timestamps are {facts['timestamps']}.
+Test split (leave-one-out, full ranking, history exclusion `{facts['exclude_history']}`):
+HR@10 {metric('hr@10')}, NDCG@10 {metric('ndcg@10')}, MRR {metric('mrr')} over {test.get('count', 'n/a')} users.
+
+## Load it
+```python
+import serve
+exp = serve.load_export("{Path(rec['run']).name}")   # verifies every file's sha256 (export.json)
+```
+or serve it: `python -m serve --export DIR --port 8000`.
+
+## Request format
+`POST /recommend {{"history": ["<raw item id>", ...], "timestamps": [<unix s>, ...], "k": 10}}`
+-> `{{"items": [{{"id": ..., "score": ..., "title": ...}}], "model": ..., "took_ms": ..., "warnings": [...]}}`.
+`program.pt2` inputs (torch.export, dynamic batch and history length): {', '.join(facts['program_inputs'])}:
+right-padded (B, N) int64 histories and lengths (B,) -> (B, {m['dim']}) unit-norm states.
+"""
