@@ -53,40 +53,62 @@ def request_models(cfg: ServeConfig):
     return RecommendRequest, SearchRequest
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for a body over `limit` bytes, by Content-Length or by counting the stream."""
+class Guard:
+    """Pure ASGI middleware around the app (Starlette's BaseHTTPMiddleware costs ~1 ms a request here):
+    413 for a body over `limit` bytes (by Content-Length, or by counting a streamed body), a 500 instead
+    of a dropped connection when a handler raises, the in-flight count of /recommend requests (the
+    micro-batcher reads it), and the request / latency / error metrics."""
 
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app, limit: int, metrics: dict, state: dict):
+        self.app, self.limit, self.m, self.state = app, limit, metrics, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await _too_large(send, self.limit)
-        seen = 0
+        t0, status, seen = time.perf_counter(), [0], [0]
+        counted = scope["path"] == "/recommend"  # counted from before its body is read and parsed
 
-        async def counted():
-            nonlocal seen
+        async def counted_receive():
             msg = await receive()
-            seen += len(msg.get("body", b""))
-            if seen > self.limit:
+            seen[0] += len(msg.get("body", b""))
+            if seen[0] > self.limit:
                 raise _TooLarge
             return msg
+
+        async def observed_send(msg):
+            if msg["type"] == "http.response.start":
+                status[0] = msg["status"]
+            await send(msg)
+        self.state["in_flight"] += counted
         try:
-            await self.app(scope, counted, send)
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                raise _TooLarge
+            await self.app(scope, counted_receive, observed_send)
         except _TooLarge:
-            await _too_large(send, self.limit)
+            if not status[0]:
+                status[0] = 413
+                await _json(send, 413, {"detail": f"request body over {self.limit} bytes (serve max_body_bytes)"})
+        except Exception as e:  # noqa: BLE001  a bug must cost one request a 500, never the server
+            if not status[0]:
+                status[0] = 500
+                await _json(send, 500, {"detail": f"internal error: {type(e).__name__}: {e}"})
+        finally:
+            self.state["in_flight"] -= counted
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.m["requests"].labels(endpoint, str(status[0])).inc()
+            self.m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
+            if status[0] >= 500 and status[0] != 501:  # 501: /search answers so by contract, not a fault
+                self.m["errors"].labels(endpoint).inc()
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _too_large(send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body over {limit} bytes (serve max_body_bytes)"}).encode()
-    await send({"type": "http.response.start", "status": 413,
+async def _json(send, status: int, obj: dict) -> None:
+    body = json.dumps(obj).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 
@@ -107,8 +129,9 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
     """The FastAPI app over `rec`; its lifespan starts the micro-batcher and warms the encoder up."""
     exp, registry = rec.exp, CollectorRegistry()
     m = _metrics(registry)
-    batcher = MicroBatcher(rec.run, cfg.max_batch, cfg.max_wait_ms, on_batch=m["batch"].observe)
-    state = {"ready": False}
+    state = {"ready": False, "in_flight": 0}  # in_flight: /recommend requests started, not yet answered
+    batcher = MicroBatcher(rec.run, cfg.max_batch, cfg.max_wait_ms, on_batch=m["batch"].observe,
+                           pending=lambda: state["in_flight"])
     RecommendRequest, SearchRequest = request_models(cfg)
 
     @asynccontextmanager
@@ -131,21 +154,6 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
                        input=repr(e.get("input"))[:200]) for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        route = request.scope.get("route")
-        try:
-            response = await call_next(request)
-        except Exception as e:  # noqa: BLE001  a bug must cost one request a 500, never the server
-            response = JSONResponse({"detail": f"internal error: {type(e).__name__}: {e}"}, status_code=500)
-        endpoint = getattr(request.scope.get("route", route), "path", "unmatched")
-        m["requests"].labels(endpoint, str(response.status_code)).inc()
-        m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
-        if response.status_code >= 500:
-            m["errors"].labels(endpoint).inc()
-        return response
-
     @app.post("/recommend")
     async def recommend(req: RecommendRequest):
         t0 = time.perf_counter()
@@ -156,8 +164,8 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
         answer = await batcher.submit(prepared)
         items = [dict(id=exp.items[i - 1]["item_id"], score=s, title=exp.items[i - 1].get("title"))
                  for i, s in answer.hits]
-        return dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
-                    warnings=prepared.warnings, fallback=answer.fallback)
+        return JSONResponse(dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
+                                 warnings=prepared.warnings, fallback=answer.fallback))  # no jsonable_encoder pass
 
     @app.post("/search")
     async def search(req: SearchRequest):
@@ -187,4 +195,4 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
     async def metrics():
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    return BodyLimit(app, cfg.max_body_bytes)
+    return Guard(app, cfg.max_body_bytes, m, state)

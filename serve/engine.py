@@ -199,15 +199,21 @@ class Recommender:
 
 
 class MicroBatcher:
-    """Concurrent `submit(x)` calls -> `fn([x, ...])` calls of at most max_batch, each started once
-    max_wait_ms has passed since its first request (or it is full); results go back by position."""
+    """Concurrent `submit(x)` calls -> `fn([x, ...])` calls of at most max_batch requests, run one at a
+    time in a worker thread; results go back by position.
+
+    A batch starts when it is full, when max_wait_ms has passed since its first request, or as soon as
+    no other request is on its way: `pending()` (when given) counts the requests the server has started
+    handling and not yet answered, so a lone request never waits for company that is not coming (at
+    concurrency 1 a fixed 2 ms wait would be pure latency), while under load requests arriving during a
+    forward pass queue up and form the next batch."""
 
     def __init__(self, fn: Callable[[list], list], max_batch: int = 32, max_wait_ms: float = 2.0,
-                 on_batch: Callable[[int], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, pending: Callable[[], int] | None = None):
         if max_batch < 1 or max_wait_ms < 0:
             raise ValueError(f"need max_batch >= 1 and max_wait_ms >= 0, got {max_batch}, {max_wait_ms}")
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait_ms / 1000
-        self.on_batch = on_batch
+        self.on_batch, self.pending = on_batch, pending
         self.queue: asyncio.Queue | None = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")  # torch threads inside
         self.task: asyncio.Task | None = None
@@ -231,19 +237,27 @@ class MicroBatcher:
         await self.queue.put((x, fut))
         return await fut
 
+    async def _collect(self) -> list:
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            left = deadline - loop.time()
+            if left <= 0 or (self.pending is not None and self.pending() <= len(batch)):
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), timeout=left))
+            except TimeoutError:
+                break
+        return batch
+
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                left = deadline - loop.time()
-                if left <= 0 and self.queue.empty():
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), timeout=max(left, 0)))
-                except TimeoutError:
-                    break
+            batch = await self._collect()
             if self.on_batch:
                 self.on_batch(len(batch))
             try:
