@@ -14,11 +14,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the synthetic world -> shards -> 2-rank DeepSpeed pretraining on CPU -> test metrics next to popularity
+# -> export -> the HTTP server answers one /recommend request
 demo: $(STAMP)
 	$(BIN)/python -m data_pipeline synthetic --out runs/demo/shards --overwrite --quiet
 	rm -rf runs/demo/pretrain
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed --num_gpus 2 --master_port $$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])') \
 		--module train pretrain --config configs/pretrain/demo.yaml
+	$(BIN)/python -m train export --run runs/demo/pretrain --out runs/demo/export --overwrite
+	$(BIN)/python -m serve.demo --export runs/demo/export
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -58,3 +58,42 @@ def shard_dir(tmp_path, handmade):
     out = tmp_path / "shards"
     write_shards(handmade, out, ShardConfig(samples_per_shard=4), progress=False)
     return out
+
+
+# ---- a tiny trained run and its export, shared by tests/test_export.py and tests/test_serve.py --------
+TINY_RUN = ["data.batch_size=16", "data.max_len=24", "data.num_workers=0", "model.dim=16", "model.num_heads=2",
+            "loss.num_negatives=16", "eval.batch_size=64", "train.patience=0", "train.lr=5e-3",
+            "model.attention_backend=ref"]
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """A synthetic world without searches (every history is items only, as /recommend takes it), timestamps
+    in seconds (the time bias is exercised) and 10% cold items (an ID-only model cannot serve them)."""
+    from configs.schema import SyntheticConfig
+    from data_pipeline.synthetic import generate
+    from data_pipeline.write_shards import write_shards
+    out = tmp_path_factory.mktemp("tiny") / "shards"
+    ds = generate(SyntheticConfig(num_users=120, items_per_domain=30, mean_events=14, search_prob=0.0)).dataset
+    write_shards(ds, out, ShardConfig(samples_per_shard=30, cold_item_frac=0.1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards, tmp_path_factory):
+    """2 epochs of single-process ZeRO-0 pretraining (in this process, ~10 s)."""
+    from configs.load import load_config
+    from configs.schema import PretrainConfig
+    from train.pretrain import main
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    main(load_config(PretrainConfig, None, TINY_RUN + [f"shards={tiny_shards}", f"run_dir={run}", "train.epochs=2"]))
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory):
+    """`python -m train export` of tiny_run (in process); tests must not modify it (copy it first)."""
+    from train.export import main as export
+    out = tmp_path_factory.mktemp("tiny_export") / "export"
+    export(tiny_run, out, command="test fixture")
+    return out

@@ -77,6 +77,18 @@ def test_zero3_bf16_two_processes(tmp_path, shards):
     assert sd["embed.item.id.weight"].dtype == torch.float32 and sd["embed.item.id.weight"].shape == (num_items + 1, 16)
     m = json.loads((run / "metrics.json").read_text())
     assert m["test"]["count"] == 160
+    exported_weights_equal(run, sd, tmp_path / "export")
+
+
+def exported_weights_equal(run: Path, sd: dict, out: Path):
+    """`train export` of a ZeRO-3 bf16 run: the export's weights are the consolidated fp32 ones."""
+    from serve import load_export
+    from train.export import main as export
+    export(run, out, command="test")
+    exp = load_export(out)
+    for k, v in exp.model.state_dict().items():
+        torch.testing.assert_close(v, sd[k].to(v.dtype), rtol=0, atol=0, msg=k)
+    return exp
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +117,16 @@ def test_zero3_bf16_content_tokens_and_generative_head(tmp_path, content_shards)
     sd = params(run, "best")
     assert {"embed.item.code_emb.weight", "embed.item.content_proj.weight"} <= sd.keys()
     assert any(k.startswith("gen_head.") for k in sd)
+    # the export carries the codes (trie) and the head: generative answers are real, servable items
+    from serve.engine import Recommender
+    exp = exported_weights_equal(run, sd, tmp_path / "export")
+    assert (tmp_path / "export" / "semantic_ids").is_dir() and exp.servable[1:].all()  # content: cold servable
+    rec = Recommender(exp, "program")
+    history = [r["item_id"] for r in exp.items[:6]]
+    hits = rec.run([rec.prepare(history, k=5, head="generative", beam=10)])[0].hits
+    assert len(hits) == 5 and len({i for i, _ in hits}) == 5
+    assert all(1 <= i <= exp.num_items and i > 6 for i, _ in hits)  # history excluded
+    assert [s for _, s in hits] == sorted((s for _, s in hits), reverse=True)
 
 
 def test_single_process_run_learns(tmp_path, shards):
