@@ -220,7 +220,8 @@ def test_target_is_judged_on_the_measured_row_of_two_layer_exports():
     record = dict(args=dict(encoders=["eager", "program"]),
                   exports=[dict(name="a", dir="a", num_layers=2), dict(name="b", dir="b", num_layers=8)],
                   latency=[row("eager", 9.5), row("program", 10.5), row("program", 1.0, cores=2)])
-    assert bs.target_lines(record) == ["- a, eager: **MET (p99 9.50 ms)**", "- a, program: **NOT MET (p99 10.50 ms)**"]
+    from bench.serve_report import target_lines
+    assert target_lines(record) == ["- a, eager: **MET (p99 9.50 ms)**", "- a, program: **NOT MET (p99 10.50 ms)**"]
 
 
 def test_faiss_recall_is_one_when_every_list_is_probed():
