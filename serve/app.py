@@ -15,7 +15,7 @@ ignored silently), bodies over max_body_bytes get 413 before they are read.
 import json
 import time
 from contextlib import asynccontextmanager
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,10 +24,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from configs.schema import ServeConfig
+from data_pipeline.schema import NUM_ACTIONS
 from serve.engine import MicroBatcher, Prepared, Recommender, RequestError
 
 TIME_MAX = 1 << 42  # unix seconds (year ~141,000): anything larger is a unit mistake (ms or ns)
 RawId = StrictStr | StrictInt
+Timestamp = Annotated[StrictInt, Field(ge=0, le=TIME_MAX)]
+Action = Annotated[StrictInt, Field(ge=0, lt=NUM_ACTIONS)]
 
 
 def request_models(cfg: ServeConfig):
@@ -35,9 +38,9 @@ def request_models(cfg: ServeConfig):
     class RecommendRequest(BaseModel):
         model_config = ConfigDict(extra="forbid")
         history: list[RawId] = Field(max_length=cfg.max_history)
-        timestamps: list[StrictInt] | None = Field(None, max_length=cfg.max_history)
-        now: StrictInt | None = Field(None, ge=0, le=TIME_MAX)
-        actions: list[StrictInt] | None = Field(None, max_length=cfg.max_history)
+        timestamps: list[Timestamp] | None = Field(None, max_length=cfg.max_history)
+        now: Timestamp | None = None
+        actions: list[Action] | None = Field(None, max_length=cfg.max_history)
         k: StrictInt = 10
         exclude_history: StrictBool = True
         exclude: list[RawId] = Field(default_factory=list, max_length=cfg.max_history)
@@ -65,15 +68,8 @@ class Guard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        t0, status, seen = time.perf_counter(), [0], [0]
+        t0, status = time.perf_counter(), [0]
         counted = scope["path"] == "/recommend"  # counted from before its body is read and parsed
-
-        async def counted_receive():
-            msg = await receive()
-            seen[0] += len(msg.get("body", b""))
-            if seen[0] > self.limit:
-                raise _TooLarge
-            return msg
 
         async def observed_send(msg):
             if msg["type"] == "http.response.start":
@@ -81,10 +77,10 @@ class Guard:
             await send(msg)
         self.state["in_flight"] += counted
         try:
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.limit:
-                raise _TooLarge
-            await self.app(scope, counted_receive, observed_send)
+            body = await self._read_body(scope, receive)
+            await self.app(scope, _replay(body, receive), observed_send)
+        except ConnectionAbortedError:
+            status[0] = status[0] or 499  # nginx's code for "client closed the request"; nothing to send
         except _TooLarge:
             if not status[0]:
                 status[0] = 413
@@ -100,6 +96,37 @@ class Guard:
             self.m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
             if status[0] >= 500 and status[0] != 501:  # 501: /search answers so by contract, not a fault
                 self.m["errors"].labels(endpoint).inc()
+
+    async def _read_body(self, scope, receive) -> bytes:
+        """The whole body, read here so that an oversized one is a 413 whether it came with a
+        Content-Length or chunked (an exception inside the app's own body reader would be a 400)."""
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            raise _TooLarge
+        parts, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client went away
+                raise ConnectionAbortedError("client disconnected")
+            parts.append(msg.get("body", b""))
+            size += len(parts[-1])
+            if size > self.limit:
+                raise _TooLarge
+            more = msg.get("more_body", False)
+        return b"".join(parts)
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that hands the buffered body over once, then waits on the real one (disconnect)."""
+    sent = False
+
+    async def replay():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replay
 
 
 class _TooLarge(Exception):
@@ -184,7 +211,11 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
                     encoder=rec.encoder, index=type(rec.index).__name__)
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/items/{item_id}")
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception):  # JSON, like every other answer (Starlette: plain text)
+        return JSONResponse({"detail": f"internal error: {type(exc).__name__}: {exc}"}, status_code=500)
+
+    @app.get("/items/{item_id:path}")  # raw ids may contain '/' (the synthetic world's 'beauty/0')
     async def item(item_id: str):
         dense = exp.index_of.get(item_id)
         if dense is None:
