@@ -77,8 +77,9 @@ def render_md(record: dict) -> str:
     lines = header("Serving benchmark: POST /recommend over HTTP", m)
     lines += [f"Machine: {m['machine']['cpu']}, {m['machine']['cpus']} cores. Server `python -m serve` pinned with "
               f"taskset to the first `cores` CPUs, OMP_NUM_THREADS = --threads = cores, --index {a['index']}. Load "
-              f"generator: one asyncio + httpx process (this script); latency is client-side, so it includes the "
-              f"client's HTTP work (GET /health p50: that floor, measured once per server, sequentially). Each "
+              f"generator: one asyncio process (this script), one keep-alive HTTP/1.1 connection per request in "
+              f"flight; latency is client-side, so it includes the client's HTTP work (GET /health p50: that "
+              f"floor, measured once per server, sequentially). Each "
               f"row: {a['warmup']} untimed then {a['requests']} timed requests, every one a different history of "
               f"{a['history']} distinct servable items with increasing timestamps, k 10.", "",
               "| export | layers | dim | max_len | items | servable |", "|---|---|---|---|---|---|"]

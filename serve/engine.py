@@ -60,15 +60,12 @@ class Answer:
     fallback: str | None = None  # "popularity" when the history was empty
 
 
-def _known(exp: Export, raw: list) -> tuple[np.ndarray, list[str]]:
-    """Raw ids -> (positions of the known ones, the unknown raw ids)."""
-    keep, unknown = [], []
-    for i, r in enumerate(raw):
-        if str(r) in exp.index_of:
-            keep.append(i)
-        else:
-            unknown.append(str(r))
-    return np.asarray(keep, dtype=np.int64), unknown
+def _known(exp: Export, raw: list) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Raw ids -> (positions of the known ones, their dense ids, the unknown raw ids)."""
+    dense = [exp.index_of.get(r if isinstance(r, str) else str(r)) for r in raw]
+    keep = [i for i, d in enumerate(dense) if d is not None]
+    unknown = [str(r) for r, d in zip(raw, dense) if d is None]
+    return np.asarray(keep, dtype=np.int64), np.asarray([dense[i] for i in keep], dtype=np.int64), unknown
 
 
 class Recommender:
@@ -97,19 +94,16 @@ class Recommender:
                 raise RequestError("head", "this export has no generative head (head='retrieval' only)")
             if not k <= beam <= 1024:
                 raise RequestError("beam", f"beam must be in k..1024 = {k}..1024, got {beam}")
-        keep, unknown = _known(exp, history)
+        keep, items, unknown = _known(exp, history)
         if unknown:
             if len(keep) == 0:
                 raise RequestError("history", f"none of the {len(history)} history items is in the catalogue "
                                               f"(first unknown: {unknown[:5]})")
             warnings.append(f"dropped {len(unknown)} unknown item id(s): {unknown[:10]}")
-        items = np.array([exp.index_of[str(history[i])] for i in keep], dtype=np.int64)
         ts = self._timestamps(timestamps, keep, len(history), warnings)
         acts = np.asarray(actions, dtype=np.int64)[keep] if actions is not None else np.full(len(keep), ACTION_INTERACT)
         now = self._now(now, ts, warnings)
-        ex_raw = exclude or []
-        ex_keep, _ = _known(exp, ex_raw)
-        excluded = np.array([exp.index_of[str(ex_raw[i])] for i in ex_keep], dtype=np.int64)
+        _, excluded, _ = _known(exp, exclude or [])
         if exclude_history:  # every known item sent, not only the max_len the model reads ('full' rule)
             excluded = np.concatenate([excluded, items])
         excluded = np.unique(excluded)

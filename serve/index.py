@@ -17,33 +17,36 @@ INDEX_KINDS = ("exact", "faiss")
 
 
 class ExactIndex:
-    """Brute-force inner product in fp32: (B x D) @ (D x I), then a top-k. 12k items x D 50 is 0.6M
+    """Brute-force inner product in fp32: (B x D) @ (D x I), then a top-k. 12k items x D 64 is 0.8M
     multiply-adds per request; a 1M-item catalogue ~50M (a few ms on one core)."""
 
     def __init__(self, table: torch.Tensor, servable: torch.Tensor):
-        self.table = table.float().contiguous()  # (I+1, D)
-        self.blocked = ~servable.bool()  # (I+1,)
-        self.blocked[0] = True
-        self.num_servable = int((~self.blocked).sum())
+        self.table_t = table.float().T.contiguous()  # (D, I+1)
+        blocked = ~servable.bool()
+        blocked[0] = True
+        self.offset = torch.zeros(len(blocked)).masked_fill_(blocked, -torch.inf)  # (I+1,) added to every row
+        self.num_servable = int((~blocked).sum())
 
     def search(self, states: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        states = torch.as_tensor(states, dtype=torch.float32)
-        scores = states @ self.table.T  # (B, I+1)
-        scores[:, self.blocked] = -torch.inf
+        scores = torch.as_tensor(states, dtype=torch.float32) @ self.table_t  # (B, I+1)
+        scores += self.offset  # one pass blocks padding and unservable rows (a boolean index_put: 3x slower)
         for b, ex in enumerate(exclude or []):
             if len(ex):
-                scores[b, torch.as_tensor(ex, dtype=torch.long)] = -torch.inf
+                scores[b].index_fill_(0, torch.as_tensor(ex, dtype=torch.long), -torch.inf)
         k = min(k, scores.shape[1])
-        # topk's order among equal scores is unspecified: take the k-th score, then sort the candidates
-        # at or above it by (-score, id), so ties resolve to the lower id whatever the batch
-        top = torch.topk(scores, k, dim=1).values[:, -1:]  # (B, 1)
-        out_ids, out_scores = np.zeros((len(scores), k), np.int64), np.zeros((len(scores), k), np.float32)
+        values, ids = torch.topk(scores, k, dim=1)  # (B, k); its order among equal scores is unspecified
+        # ties resolve to the lower id whatever the batch: re-sort the k by (-score, id); a row whose k-th
+        # score is shared with an item outside the k is redone over every item at or above that score
+        tied_out = (scores == values[:, -1:]).sum(1) > (values == values[:, -1:]).sum(1)  # (B,)
+        out_ids, out_scores = ids.numpy().copy(), values.numpy().copy()
         for b in range(len(scores)):
-            cand = torch.nonzero(scores[b] >= top[b], as_tuple=True)[0]
-            s = scores[b, cand]
-            order = np.lexsort((cand.numpy(), -s.numpy()))[:k]
-            out_ids[b, :len(order)], out_scores[b, :len(order)] = cand.numpy()[order], s.numpy()[order]
+            cand, s = ids[b].numpy(), values[b].numpy()
+            if tied_out[b]:
+                c = torch.nonzero(scores[b] >= values[b, -1], as_tuple=True)[0]
+                cand, s = c.numpy(), scores[b, c].numpy()
+            order = np.lexsort((cand, -s))[:k]
+            out_ids[b], out_scores[b] = cand[order], s[order]
         return _drop_blocked(out_ids, out_scores)
 
 

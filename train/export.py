@@ -266,7 +266,7 @@ HR@10 {metric('hr@10')}, NDCG@10 {metric('ndcg@10')}, MRR {metric('mrr')} over {
 ## Load it
 ```python
 import serve
-exp = serve.load_export("{Path(rec['run']).name}")   # verifies every file's sha256 (export.json)
+exp = serve.load_export("path/to/this/folder")   # verifies every file's sha256 (export.json)
 ```
 or serve it: `python -m serve --export DIR --port 8000`.
 
