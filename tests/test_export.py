@@ -182,3 +182,12 @@ def test_bf16_export_and_the_cli(tiny_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "train", "export", "--run", str(tmp_path / "none"), "--out",
                           str(tmp_path / "z")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_serving_imports_neither_train_nor_deepspeed():
+    """The serving team gets an export folder and serve/: nothing of the trainer may come along."""
+    code = ("import sys, serve, serve.app, serve.engine, serve.__main__, serve.demo; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('train', 'deepspeed')]; "
+            "assert not bad, bad")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
