@@ -375,7 +375,7 @@ class PretrainConfig:
 class ServeConfig:
     """`python -m serve`: an export folder behind an HTTP JSON API (serve/app.py)."""
 
-    CHOICES: ClassVar[dict] = {"encoder": ("eager", "program", "aoti"), "index": ("exact", "faiss")}
+    CHOICES: ClassVar[dict] = {"encoder": ("auto", "eager", "program", "aoti"), "index": ("exact", "faiss")}
 
     export: str = ""
     """Export folder written by `python -m train export` (verified file by file at start-up)."""
@@ -385,9 +385,11 @@ class ServeConfig:
     """TCP port."""
     threads: int = 0
     """torch threads for the forward pass (0 = torch's default, one per core)."""
-    encoder: str = "program"
-    """How histories are encoded: 'program' (program.pt2, the torch.export program), 'eager' (the
-    PyTorch model from model.safetensors) or 'aoti' (program_aoti.pt2; export with --aoti)."""
+    encoder: str = "auto"
+    """How histories are encoded: 'auto' (aoti when the export has program_aoti.pt2, else program),
+    'program' (program.pt2, the torch.export program), 'eager' (the PyTorch model from
+    model.safetensors) or 'aoti' (program_aoti.pt2; export with --aoti). Measured 2026-12-02 on 1 core
+    (bench/results/serve.md, 2-layer Beauty model): p99 6.1 ms aoti, 9.9 program, 12.7 eager."""
     index: str = "exact"
     """Top-k retrieval: 'exact' (brute force, any catalogue up to ~1M items) or 'faiss' (IVF, approximate;
     needs the faiss extra; bench/serve.py reports its recall@100 against exact)."""

@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     except (ExportLoadError, ImportError) as e:
         print(f"error: refusing to start: {e}", file=sys.stderr)
         return 2
-    print(f"serving {cfg.export} (model {exp.model_id}, {exp.num_items:,} items, encoder {cfg.encoder}, index "
+    print(f"serving {cfg.export} (model {exp.model_id}, {exp.num_items:,} items, encoder {rec.encoder}, index "
           f"{cfg.index}, {torch.get_num_threads()} threads) on http://{cfg.host}:{cfg.port}", flush=True)
     # keep-alive 30 s (uvicorn: 5): a client reusing a connection the server has just closed sees a read error
     uvicorn.run(make_app(rec, cfg), host=cfg.host, port=cfg.port, log_level="warning", access_log=False,

@@ -28,7 +28,7 @@ from model.seqrec import ENCODE_INPUTS
 from serve.index import build_index, valid_hits
 from serve.load import Export
 
-ENCODERS = ("eager", "program", "aoti")
+ENCODERS = ("auto", "eager", "program", "aoti")
 
 
 class RequestError(ValueError):
@@ -72,6 +72,8 @@ class Recommender:
     def __init__(self, exp: Export, encoder: str = "program", index: str = "exact", **index_kw):
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if encoder == "auto":  # the fastest the export has: AOTI ~1.6-2x program on CPU (bench/results/serve.md)
+            encoder = "aoti" if "program_aoti.pt2" in exp.record["files"] else "program"
         self.exp, self.encoder = exp, encoder
         self.program = exp.load_program(encoder) if encoder != "eager" else None
         self.index = build_index(exp.table, exp.servable, index, **index_kw)

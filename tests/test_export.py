@@ -191,3 +191,26 @@ def test_serving_imports_neither_train_nor_deepspeed():
             "assert not bad, bad")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="AOTInductor needs a C++ compiler")
+def test_aoti_package_is_checked_and_served_by_auto(tiny_run, tmp_path):
+    """--aoti compiles the same program (checked against eager at export time, like program.pt2); the
+    server's default encoder 'auto' picks it, and its answers equal the program's (~1 min: C++ build)."""
+    import numpy as np
+
+    from serve.engine import Recommender
+    from train.export import main as export
+    rec = export(tiny_run, tmp_path / "aoti", aoti=True, command="test")
+    assert "program_aoti.pt2" in rec["files"] and rec["aoti_max_abs_diff"] <= 1e-5
+    exp = load_export(tmp_path / "aoti")
+    auto, program = Recommender(exp, "auto"), Recommender(exp, "program")
+    assert auto.encoder == "aoti"
+    ids = [r["item_id"] for r in exp.items if r["servable"]]
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 24, 30):  # 30 > max_len: cut to the last 24
+        hist = [ids[i] for i in rng.choice(len(ids), n, replace=False)]
+        a, p = (r.run([r.prepare(hist, k=10)])[0].hits for r in (auto, program))
+        assert [i for i, _ in a] == [i for i, _ in p]
+        np.testing.assert_allclose([s for _, s in a], [s for _, s in p], atol=1e-5)
