@@ -194,7 +194,8 @@ class ModelConfig:
 
     CHOICES: ClassVar[dict] = {"arch": ("hstu", "sasrec"), "layer_variant": ("research", "production"),
                                  "attention_backend": ("auto", "ref", "triton"),
-                                 "item_repr": ("id", "sid", "id+sid", "id+sid+content")}
+                                 "item_repr": ("id", "sid", "id+sid", "id+sid+content"),
+                                 "query_repr": ("id", "text", "id+text")}
 
     arch: str = "hstu"
     """Encoder: 'hstu' (pointwise SiLU attention + relative bias) or 'sasrec' (softmax attention + FFN)."""
@@ -238,6 +239,11 @@ class ModelConfig:
     its semantic-ID code embeddings), 'id+sid', or 'id+sid+content' (+ a projection of its content
     vectors). The sid/content modes read the shard folder's semantic_ids/ and content/
     (`python -m data_pipeline content`), and give never-trained items a usable vector."""
+    query_repr: str = "id"
+    """How a query token becomes a vector: 'id' (an embedding per distinct query string of the shard
+    set), 'text' (its MiniLM text vector, content/queries.npy, projected to model.dim: a query never
+    trained on still means something) or 'id+text' (their sum). 'text' modes need
+    `python -m data_pipeline content` on the shards."""
     generative_head: bool = False
     """Add a head that predicts the next item's semantic-ID tuple level by level (trained with
     loss.generative_weight, decoded by trie-constrained beam search); needs semantic_ids/."""

@@ -21,6 +21,7 @@ import numpy as np
 
 from configs.schema import ContentStageConfig
 from data_pipeline.content import embed_catalog
+from data_pipeline.queries import embed_queries
 from data_pipeline.read_shards import cold_items, load_manifest
 from data_pipeline.semantic_ids import SemanticIds, assign_new_items, build_semantic_ids, code_stats, save_semantic_ids
 
@@ -52,6 +53,8 @@ def run(cfg: ContentStageConfig, progress: bool = True) -> dict:
     shards = Path(cfg.shards)
     manifest = load_manifest(shards)
     vectors = embed_catalog(shards, cfg.content, progress)
+    if manifest["vocab"]["num_queries"]:  # query tokens can then be embedded from their text
+        embed_queries(shards, cfg.content, progress)
     sid = semantic_ids_with_holdout(vectors, cfg.semantic_ids, cold_items(manifest), progress)
     save_semantic_ids(sid, shards / SID_DIR)
     summary = dict(path=SID_DIR, method=cfg.semantic_ids.method, fusion=sid.fusion, level_sizes=sid.level_sizes,

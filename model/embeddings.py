@@ -1,4 +1,5 @@
-"""Token input embeddings: item id (x sqrt(D)), query id, absolute position, action, token type."""
+"""Token input embeddings: item (x sqrt(D)), query (id and/or projected text, x sqrt(D)), absolute
+position, action, token type."""
 from __future__ import annotations
 
 import math
@@ -18,6 +19,9 @@ def jagged_positions(offsets: torch.Tensor, L: int) -> tuple[torch.Tensor, torch
     return seq, torch.arange(L, device=offsets.device) - offsets[seq]
 
 
+QUERY_REPRS = ("id", "text", "id+text")
+
+
 class TokenEmbedding(nn.Module):
     """Sum of the embeddings of one token's fields -> (L, D), then dropout."""
 
@@ -27,12 +31,27 @@ class TokenEmbedding(nn.Module):
         D = cfg.dim
         self.scale = math.sqrt(D)  # the research recipe: item_emb * sqrt(D), embeddings init with std 0.02
         self.item = ItemEncoder(cfg.item_repr, num_items, D, feats)  # also the retrieval table
-        self.query = None
-        if num_queries > 0:  # query tokens: a query id embedding + a token-type embedding
-            self.query = nn.Embedding(num_queries + 1, D, padding_idx=0)
+        self.query, self.query_proj, self.token_type = None, None, None
+        if cfg.query_repr not in QUERY_REPRS:
+            raise ValueError(f"model.query_repr must be one of {QUERY_REPRS}, got {cfg.query_repr!r}")
+        if num_queries > 0:  # query tokens: a query id embedding and/or its projected text + a token type
             self.token_type = nn.Embedding(schema.NUM_TOKEN_TYPES, D)
-            nn.init.trunc_normal_(self.query.weight, std=0.02)
             nn.init.zeros_(self.token_type.weight)
+            if "id" in cfg.query_repr.split("+"):
+                self.query = nn.Embedding(num_queries + 1, D, padding_idx=0)
+                nn.init.trunc_normal_(self.query.weight, std=0.02)
+                with torch.no_grad():  # the init overwrote the padding row: item tokens (query id 0) add nothing
+                    self.query.weight[0].zero_()
+            if "text" in cfg.query_repr:
+                text = feats.query_text if feats is not None else None
+                if text is None or text.shape[0] != num_queries + 1:
+                    raise ValueError(f"model.query_repr={cfg.query_repr!r} needs query text vectors for "
+                                     f"{num_queries} queries (+1 padding row): run `python -m data_pipeline "
+                                     f"content --shards ...`; got {None if text is None else tuple(text.shape)}")
+                self.register_buffer("query_text", text.float())  # (Q+1, H), row 0 zeros
+                # unit text vectors through std 0.02: the same scale as the id embedding it replaces
+                self.query_proj = nn.Linear(text.shape[1], D, bias=False)
+                nn.init.normal_(self.query_proj.weight, std=0.02)
         self.pos = nn.Embedding(max_len, D) if cfg.abs_pos_emb else None
         if self.pos is not None:
             nn.init.trunc_normal_(self.pos.weight, std=math.sqrt(1.0 / D))
@@ -43,8 +62,13 @@ class TokenEmbedding(nn.Module):
 
     def forward(self, batch, positions: torch.Tensor) -> torch.Tensor:
         x = self.item(batch.item_ids) * self.scale  # (L, D); query tokens have item id 0 -> zero row
-        if self.query is not None:
-            x = x + self.query(batch.query_ids) * self.scale + self.token_type(batch.token_types)
+        if self.token_type is not None:  # query id 0 (item tokens) embeds to zero on both query paths
+            x = x + self.token_type(batch.token_types)
+            if self.query is not None:
+                x = x + self.query(batch.query_ids) * self.scale
+            if self.query_proj is not None:
+                text = self.query_text[batch.query_ids].to(self.query_proj.weight.dtype)  # buffer stays fp32
+                x = x + self.query_proj(text) * self.scale
         if self.pos is not None:
             x = x + self.pos(positions.clamp(max=self.pos.num_embeddings - 1))
         if self.action is not None:

@@ -21,6 +21,7 @@ from torch import nn
 
 from configs.schema import ModelConfig
 from data_pipeline.content import load_content
+from data_pipeline.queries import load_query_vectors
 from data_pipeline.semantic_ids import load_semantic_ids
 
 ITEM_REPRS = ("id", "sid", "id+sid", "id+sid+content")
@@ -33,6 +34,7 @@ class ItemFeatures:
     codes: torch.Tensor | None = None  # (I+1, Lc) int64 semantic-ID codes, last level = collision level
     level_sizes: list[int] | None = None  # codes per level, len Lc
     content: torch.Tensor | None = None  # (I+1, F) float32 content vectors (modalities concatenated)
+    query_text: torch.Tensor | None = None  # (Q+1, H) float32 query text vectors (row 0 = no query)
 
 
 def load_item_features(shards_dir: str | Path, cfg: ModelConfig) -> ItemFeatures:
@@ -46,6 +48,8 @@ def load_item_features(shards_dir: str | Path, cfg: ModelConfig) -> ItemFeatures
     if "content" in cfg.item_repr:
         vectors = load_content(shards_dir)  # modality name -> (I+1, d), concatenated in name order
         feats.content = torch.as_tensor(np.concatenate([vectors[n] for n in sorted(vectors)], axis=1))
+    if "text" in cfg.query_repr:
+        feats.query_text = torch.as_tensor(load_query_vectors(shards_dir)[0])
     return feats
 
 

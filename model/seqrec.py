@@ -117,7 +117,7 @@ def model_from_state(cfg: ModelConfig, facts: dict, state: dict[str, torch.Tenso
     semantic-ID codes and content vectors are buffers inside `state`. facts: num_items, num_queries,
     max_len, level_sizes (None without codes). Loads strictly: a missing or extra tensor raises."""
     feats = ItemFeatures(codes=state.get("embed.item.codes"), level_sizes=facts.get("level_sizes"),
-                         content=state.get("embed.item.content"))
+                         content=state.get("embed.item.content"), query_text=state.get("embed.query_text"))
     model = SeqRecModel(cfg, facts["num_items"], facts["num_queries"], facts["max_len"], feats)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     return model.eval()

@@ -211,7 +211,8 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
 
     # ---- weights, item index, items, codes -------------------------------------------------------------
     cast = torch.bfloat16 if dtype == "bf16" else torch.float32
-    save_file({k: (v.to(cast) if v.is_floating_point() and k != "embed.item.content" else v).contiguous()
+    exact = {"embed.item.content", "embed.query_text"}  # encoder outputs: kept as computed
+    save_file({k: (v.to(cast) if v.is_floating_point() and k not in exact else v).contiguous()
                for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     cold = cold_items(manifest)
     servable = np.ones(facts["num_items"] + 1, dtype=bool)
