@@ -57,6 +57,19 @@ class JaggedBatch:
         return JaggedBatch(**{f.name: move(getattr(self, f.name)) for f in fields(self)})
 
 
+def jagged_from_padded(item_ids: torch.Tensor, actions: torch.Tensor, timestamps: torch.Tensor,
+                       next_timestamps: torch.Tensor, lengths: torch.Tensor) -> JaggedBatch:
+    """Right-padded item-only histories (B, N) + lengths (B,) -> the JaggedBatch of the same tokens (no
+    queries, no targets): what the model's jagged path reads for the padded inputs of encode_padded."""
+    B, N = item_ids.shape
+    valid = torch.arange(N)[None, :] < lengths[:, None]  # (B, N)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    z = torch.zeros(int(lengths.sum()), dtype=torch.long)
+    return JaggedBatch(item_ids=item_ids[valid], query_ids=z, timestamps=timestamps[valid],
+                       next_timestamps=next_timestamps[valid], actions=actions[valid], token_types=z, domains=z,
+                       targets=z, offsets=offsets, domain=torch.zeros(B, dtype=torch.long), user=torch.arange(B))
+
+
 def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool, max_len: int) -> dict:
     """History events (5, h) [+ target event (5,)] -> per-token arrays (T,), the last max_len tokens."""
     h = history.shape[1]

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_pipeline.collate import JaggedBatch
+from data_pipeline.collate import jagged_from_padded
 from data_pipeline.schema import ACTION_INTERACT
 from model.generative import beam_search
 from model.seqrec import ENCODE_INPUTS
@@ -153,13 +153,7 @@ class Recommender:
             cols["next_timestamps"][b, :n] = torch.from_numpy(np.append(r.timestamps[1:], r.now))
         if self.program is not None:
             return self.program(*(cols[k] for k in ENCODE_INPUTS[:-1]), lengths)
-        valid = torch.arange(N)[None, :] < lengths[:, None]
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        z = torch.zeros(int(lengths.sum()), dtype=torch.long)
-        batch = JaggedBatch(item_ids=cols["item_ids"][valid], query_ids=z, timestamps=cols["timestamps"][valid],
-                            next_timestamps=cols["next_timestamps"][valid], actions=cols["actions"][valid],
-                            token_types=z, domains=z, targets=z, offsets=offsets,
-                            domain=torch.zeros(B, dtype=torch.long), user=torch.arange(B))
+        batch = jagged_from_padded(*(cols[k] for k in ENCODE_INPUTS[:-1]), lengths)
         return self.exp.model(batch, last_only=True)
 
     def run(self, reqs: list[Prepared]) -> list[Answer]:
@@ -188,7 +182,7 @@ class Recommender:
 
     def _generative(self, state: torch.Tensor, r: Prepared) -> Answer:
         model = self.exp.model
-        blocked = ~self.exp.servable.clone()[None, :]  # (1, I+1)
+        blocked = ~self.exp.servable[None, :]  # (1, I+1), a new tensor
         blocked[0, torch.from_numpy(r.exclude)] = True
         ids, scores = beam_search(model.gen_head, model.code_trie(), state, r.beam, r.k, blocked)
         return Answer([(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i > 0 and np.isfinite(float(s))])

@@ -10,7 +10,6 @@ item index and items.jsonl.gz agree with the config's catalogue size. Never impo
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from configs.provenance import file_sha256
 from configs.schema import ModelConfig
 from model.seqrec import SeqRecModel, model_from_state
 
@@ -71,14 +71,6 @@ class Export:
         raise ValueError(f"encoder program kind must be 'program' or 'aoti', got {kind!r}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise ExportLoadError(f"{path} is missing: not an export folder (python -m train export writes one)")
@@ -103,7 +95,7 @@ def verify_files(path: Path, record: dict) -> None:
         p = path / name
         if not p.is_file():
             raise ExportLoadError(f"{p} is missing (export.json lists it)")
-        if _sha256(p) != want:
+        if file_sha256(p) != want:
             raise ExportLoadError(f"{p} fails its sha256 in export.json (corrupt or modified)")
 
 

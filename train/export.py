@@ -19,7 +19,6 @@ The folder is written as OUT.partial and swapped into place only when complete a
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import shutil
 import sys
@@ -33,10 +32,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from configs.load import load_config
-from configs.provenance import git_sha
+from configs.provenance import file_sha256, git_sha
 from configs.schema import LoaderConfig, PretrainConfig
 from data_pipeline.atomic_dir import swap_into_place
-from data_pipeline.collate import JaggedBatch
+from data_pipeline.collate import jagged_from_padded
 from data_pipeline.read_shards import cold_items, load_manifest
 from model.seqrec import ENCODE_INPUTS, SeqRecModel, model_from_state
 from train.baselines import item_counts
@@ -74,11 +73,7 @@ def random_histories(num_items: int, max_len: int, lengths: list[int], gen: torc
     nts[torch.arange(B), lens - 1] = ts[torch.arange(B), lens - 1] + torch.randint(0, 10**6, (B,), generator=gen)
     nts = nts * valid
     padded = dict(item_ids=ids, actions=acts, timestamps=ts, next_timestamps=nts, lengths=lens)
-    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
-    z = torch.zeros(int(lens.sum()), dtype=torch.long)
-    batch = JaggedBatch(item_ids=ids[valid], query_ids=z, timestamps=ts[valid], next_timestamps=nts[valid],
-                        actions=acts[valid], token_types=z, domains=z, targets=z, offsets=offsets,
-                        domain=torch.zeros(B, dtype=torch.long), user=torch.arange(B))
+    batch = jagged_from_padded(ids, acts, ts, nts, lens)
     return dict(padded=padded, batch=batch)
 
 
@@ -154,14 +149,6 @@ def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel) -> dict:
                             "per-user chronological ranks 0, 1, 2, ... (the source has no times)"))
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
@@ -226,17 +213,18 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
             f.write(json.dumps(row) + "\n")
     if manifest.get("semantic_ids"):
         shutil.copytree(shards / manifest["semantic_ids"]["path"], tmp / "semantic_ids")
-    write_json(tmp / "config.json", data_facts(cfg, manifest, model))
+    facts = data_facts(cfg, manifest, model)
+    write_json(tmp / "config.json", facts)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record = dict(format=FORMAT, format_version=FORMAT_VERSION, created=created,
                   git_sha=git_sha(), run=str(run), tag=tag, best_epoch=metrics.get("best_epoch"),
-                  run_config_sha256=sha256(run / "config.json"), manifest_hash=manifest["content_hash"],
+                  run_config_sha256=file_sha256(run / "config.json"), manifest_hash=manifest["content_hash"],
                   dataset=manifest["dataset"], test=metrics.get("test"), test_generative=metrics.get("test_generative"),
                   command=command or " ".join(["python -m train export"] + sys.argv[2:]), dtype=dtype,
                   program_max_abs_diff=program_diff, aoti_max_abs_diff=aoti_diff,
                   export_seconds=round(export_s, 1))
-    (tmp / "README.md").write_text(model_card(record, data_facts(cfg, manifest, model), servable))
-    record["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "README.md").write_text(model_card(record, facts, servable))
+    record["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
     write_json(tmp / "export.json", record)
     swap_into_place(tmp, out)
     return record
