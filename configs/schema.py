@@ -169,6 +169,27 @@ class ContentStageConfig:
 
 
 @dataclass
+class SearchDataConfig:
+    """Search events from real sources (data_pipeline/search_data.py), applied after the reader."""
+
+    category_queries: bool = False
+    """Amazon product search (Van Gysel et al. 2016): turn a seeded share of events into searches whose
+    query is the terms of one of the item's category hierarchies (lower-cased, stopwords and repeated
+    words removed, one-level hierarchies ignored)."""
+    search_share: float = 0.5
+    """With category_queries: the share of events (seeded) that become search events, among events whose
+    item has a usable category path."""
+    heldout_query_frac: float = 0.3
+    """With category_queries: this share of the distinct query strings (seeded) only ever appears on test
+    targets (the unseen-query slice); elsewhere such events stay recommendation events."""
+    seed: int = 0
+    """Seed of the search-event draw, the per-event path choice and the held-out queries."""
+    last_search_test: bool = False
+    """Make each searching user's last search event their test target by leaving out their later events
+    (ml-latest-small: each tagging user's last tag). The count left out goes into the manifest notes."""
+
+
+@dataclass
 class PrepareConfig:
     """`python -m data_pipeline prepare`: raw data -> shards."""
 
@@ -186,6 +207,8 @@ class PrepareConfig:
     """The synthetic world (used when dataset = synthetic)."""
     shards: ShardConfig = field(default_factory=ShardConfig)
     """Shard writing."""
+    search: SearchDataConfig = field(default_factory=SearchDataConfig)
+    """Search events from real sources (off by default: the reader's events as they are)."""
 
 
 @dataclass
@@ -269,6 +292,12 @@ class LossConfig:
     """Softmax temperature on cosine similarities."""
     generative_weight: float = 1.0
     """Weight of the generative head's per-level cross-entropy (used when model.generative_head)."""
+    rec_weight: float = 1.0
+    """Task mix: loss weight of positions that predict from an item token (recommendation: history ->
+    next item). 0 = the search-only control (the loss only on search targets)."""
+    search_weight: float = 1.0
+    """Task mix: loss weight of positions that predict from a query token (search: history + query ->
+    clicked item). The loss is the weighted mean over positions."""
 
 
 @dataclass
@@ -338,7 +367,8 @@ class TrainConfig:
 class EvalConfig:
     """Full-ranking evaluation (train/evaluate.py)."""
 
-    CHOICES: ClassVar[dict] = {"exclude_history": ("full", "window", "none")}
+    CHOICES: ClassVar[dict] = {"exclude_history": ("full", "window", "none"),
+                                 "select_task": ("auto", "rec", "search")}
 
     batch_size: int = 256
     """Sequences per evaluation batch."""
@@ -353,6 +383,10 @@ class EvalConfig:
     """Score the catalogue in chunks of this many items, so memory stays (B x item_chunk)."""
     beam: int = 50
     """Beam width of the generative head's trie-constrained decoding (its metrics use only ks <= beam)."""
+    select_task: str = "auto"
+    """Which validation metric picks the epoch: 'auto' (every target as it comes: a search target with
+    its query, any other as recommendation), 'rec' (every target from the history alone) or 'search'
+    (search targets only, with their query; the search-only control)."""
 
 
 @dataclass

@@ -160,6 +160,8 @@ def prepare_main(args) -> int:
     t0 = time.time()
     print(f"reading {cfg.dataset} {cfg.raw}".rstrip(), file=sys.stderr)
     ds = read_source(cfg)
+    from data_pipeline import search_data
+    ds = search_data.apply(ds, cfg.search)
     print(f"read {len(ds.events):,} events in {time.time() - t0:.1f}s; writing shards to {cfg.out}", file=sys.stderr)
     manifest = write_shards(ds, cfg.out, cfg.shards, overwrite=cfg.overwrite, progress=not args.quiet)
     save_config(cfg, f"{cfg.out}/prepare_config.json")

@@ -39,10 +39,14 @@ class JaggedBatch:
     offsets: torch.Tensor  # (B+1,) sequence b is tokens offsets[b]:offsets[b+1]
     domain: torch.Tensor  # (B,) domain of the sequence's predicted event
     user: torch.Tensor  # (B,) dense user index
+    target_query: torch.Tensor | None = None  # (B,) query id of the predicted event (0 = a recommendation target)
     # evaluation splits only: jagged (seen, seen_offsets) = every item of each user's history before the
     # target, not cut to max_len (the exclude_history='full' rule); None in training batches
     seen: torch.Tensor | None = None  # (H,)
     seen_offsets: torch.Tensor | None = None  # (B+1,)
+    # serving only: (L, H) text vectors of query tokens encoded at request time (a query string the
+    # export's vocabulary lacks); when given, the query-text path reads these rows instead of the buffer
+    query_vectors: torch.Tensor | None = None
 
     @property
     def num_sequences(self) -> int:
@@ -67,11 +71,14 @@ def jagged_from_padded(item_ids: torch.Tensor, actions: torch.Tensor, timestamps
     z = torch.zeros(int(lengths.sum()), dtype=torch.long)
     return JaggedBatch(item_ids=item_ids[valid], query_ids=z, timestamps=timestamps[valid],
                        next_timestamps=next_timestamps[valid], actions=actions[valid], token_types=z, domains=z,
-                       targets=z, offsets=offsets, domain=torch.zeros(B, dtype=torch.long), user=torch.arange(B))
+                       targets=z, offsets=offsets, domain=torch.zeros(B, dtype=torch.long), user=torch.arange(B),
+                       target_query=torch.zeros(B, dtype=torch.long))
 
 
-def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool, max_len: int) -> dict:
-    """History events (5, h) [+ target event (5,)] -> per-token arrays (T,), the last max_len tokens."""
+def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool, max_len: int,
+             append_query: bool = True) -> dict:
+    """History events (5, h) [+ target event (5,)] -> per-token arrays (T,), the last max_len tokens.
+    With `append_query` (and query_tokens), a search target's query token ends the sequence."""
     h = history.shape[1]
     is_q = (history[ROW_QUERY] > 0) if query_tokens else np.zeros(h, dtype=bool)  # (h,)
     item_pos = np.cumsum(1 + is_q) - 1  # (h,) token index of each event's item token
@@ -96,7 +103,7 @@ def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool,
     tok["token_types"][q_pos] = schema.TOKEN_QUERY
     tok["targets"][q_pos] = history[ROW_ITEM, is_q]  # a query token predicts the item clicked for it
     tok["next_timestamps"][q_pos] = history[ROW_TS, is_q]
-    if target is not None and query_tokens and target[ROW_QUERY] > 0:
+    if target is not None and query_tokens and append_query and target[ROW_QUERY] > 0:
         q = dict(item_ids=0, query_ids=target[ROW_QUERY], timestamps=tgt_ts, next_timestamps=tgt_ts,
                  actions=schema.ACTION_QUERY, token_types=schema.TOKEN_QUERY, domains=target[ROW_DOMAIN],
                  targets=tgt_item)
@@ -105,9 +112,26 @@ def tokenize(history: np.ndarray, target: np.ndarray | None, query_tokens: bool,
     return {k: v[-max_len:] for k, v in tok.items()}
 
 
-def example_to_tokens(ex: dict, query_tokens: bool, max_len: int) -> dict | None:
-    """A read_shards example -> tokens + per-sequence fields; None when it has nothing to predict."""
-    tok = tokenize(ex["history"], ex["target"], query_tokens, max_len)
+EVAL_TASKS = ("auto", "rec", "search", "query_only")
+
+
+def example_to_tokens(ex: dict, query_tokens: bool, max_len: int, task: str = "auto") -> dict | None:
+    """A read_shards example -> tokens + per-sequence fields; None when it has nothing to predict.
+
+    `task` says how an evaluation target is posed: 'auto' (a search target with its query token, any
+    other as recommendation), 'rec' (history only, every target), 'search' (search targets only, history
+    + query token) or 'query_only' (search targets only, the query token alone: no personalisation; the
+    history still decides which items are excluded from the ranking). Without query_tokens a search
+    target is posed without its query (a rec-only model cannot read it)."""
+    target, history = ex["target"], ex["history"]
+    if task not in EVAL_TASKS:
+        raise ValueError(f"task must be one of {EVAL_TASKS}, got {task!r}")
+    if task in ("search", "query_only"):
+        if target is None or target[ROW_QUERY] == 0:
+            return None
+        if task == "query_only":
+            history = history[:, :0]
+    tok = tokenize(history, target, query_tokens, max_len, append_query=task != "rec")
     if not (tok["targets"] > 0).any():
         return None  # e.g. a one-event training history: no next item inside it
     if ex["target"] is not None:
@@ -115,13 +139,15 @@ def example_to_tokens(ex: dict, query_tokens: bool, max_len: int) -> dict | None
     else:
         dom = int(ex["history"][ROW_DOMAIN, -1])
     tok["domain"], tok["user"] = dom, ex["user"]
+    tok["target_query"] = int(ex["target"][ROW_QUERY]) if ex["target"] is not None else 0
     if "seen" in ex:
         tok["seen"] = ex["seen"]
     return tok
 
 
 def collate_packed(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Token dicts -> three tensors: per-token fields stacked (8, L), offsets (B+1,), (domain, user) (2, B).
+    """Token dicts -> three tensors: per-token fields stacked (8, L), offsets (B+1,), (domain, user,
+    target query) (3, B).
 
     Packed because a DataLoader worker ships every tensor through its own shared-memory segment: with
     eleven tensors per batch the transfer, not the reading, bounded the loader (ML-1M, 48 batches/epoch:
@@ -130,7 +156,8 @@ def collate_packed(samples: list[dict]) -> dict[str, torch.Tensor]:
     offsets = torch.zeros(len(samples) + 1, dtype=torch.int64)
     offsets[1:] = torch.from_numpy(np.cumsum(lengths))
     tokens = np.stack([np.concatenate([s[k] for s in samples]) for k in TOKEN_FIELDS])  # (8, L)
-    per_seq = np.array([[s["domain"] for s in samples], [s["user"] for s in samples]], dtype=np.int64)
+    per_seq = np.array([[s["domain"] for s in samples], [s["user"] for s in samples],
+                        [s.get("target_query", 0) for s in samples]], dtype=np.int64)
     out = dict(tokens=torch.from_numpy(tokens), offsets=offsets, per_seq=torch.from_numpy(per_seq))
     if all("seen" in s for s in samples):
         out["seen_offsets"] = torch.zeros(len(samples) + 1, dtype=torch.int64)
@@ -143,7 +170,8 @@ def unpack(packed: dict[str, torch.Tensor]) -> JaggedBatch:
     """The packed tensors -> JaggedBatch of views (no copy)."""
     tok = packed["tokens"]
     return JaggedBatch(**{k: tok[i] for i, k in enumerate(TOKEN_FIELDS)}, offsets=packed["offsets"],
-                       domain=packed["per_seq"][0], user=packed["per_seq"][1], seen=packed.get("seen"),
+                       domain=packed["per_seq"][0], user=packed["per_seq"][1], target_query=packed["per_seq"][2],
+                       seen=packed.get("seen"),
                        seen_offsets=packed.get("seen_offsets"))
 
 
@@ -162,7 +190,7 @@ def random_window(history: np.ndarray, max_len: int, prob: float, rng: np.random
     return history[:, end - max_len:end]
 
 
-def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int):
+def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int, task: str):
     windows = split == "train" and cfg.random_window > 0
 
     def stage(src):
@@ -170,18 +198,21 @@ def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int):
             if windows:  # seeded per (seed, epoch, user): the same on any rank/worker split
                 rng = np.random.default_rng([cfg.seed, epoch, ex["user"]])
                 ex = {**ex, "history": random_window(ex["history"], cfg.max_len, cfg.random_window, rng)}
-            tok = example_to_tokens(ex, cfg.query_tokens, cfg.max_len)
+            tok = example_to_tokens(ex, cfg.query_tokens, cfg.max_len, task)
             if tok is not None:
                 yield tok
     return stage
 
 
 def make_loader(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int = 0,
-                shuffle: bool | None = None) -> Iterator[JaggedBatch]:
+                shuffle: bool | None = None, task: str = "auto") -> Iterator[JaggedBatch]:
     """JaggedBatches for one epoch of `split`; rank and world size come from the environment
-    (RANK, WORLD_SIZE, as set by torchrun and the deepspeed launcher) or torch.distributed."""
+    (RANK, WORLD_SIZE, as set by torchrun and the deepspeed launcher) or torch.distributed.
+    `task` (evaluation splits): how each target is posed, see `example_to_tokens`."""
+    if split == "train" and task != "auto":
+        raise ValueError(f"task={task!r} poses evaluation targets; the train split has none")
     pipe = read_shards(shard_dir, split, cfg, epoch, shuffle)
-    pipe.append(_tokens_stage(cfg, split, epoch))
+    pipe.append(_tokens_stage(cfg, split, epoch, task))
     pipe.append(wds.batched(cfg.batch_size, collation_fn=collate_packed, partial=True))
     # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global RNG, so
     # validating an epoch would shift the dropout masks of every later training step (the pipeline's own

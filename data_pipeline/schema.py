@@ -19,6 +19,7 @@ ACTION_INTERACT = 2  # an implicit interaction with no rating: a view, a review,
 ACTION_SEARCH_CLICK = 3  # the item a user clicked after typing the event's query
 ACTION_RATING_BASE = 3  # rating r in 1..5 -> ACTION_RATING_BASE + r (4..8); half stars round up
 NUM_ACTIONS = 9
+MIN_EVENTS_FOR_EVAL = 3  # a user needs >= 1 training event, a validation and a test target
 
 
 def rating_action(rating: float) -> int:
@@ -112,3 +113,4 @@ class Dataset:
     catalog: dict[str, Item]  # raw item id -> Item; may hold items no event touches (ML-1M: 3,883 vs 3,706)
     skipped_rows: int = 0  # rows dropped because the user asked for --skip-bad-rows
     notes: list[str] = field(default_factory=list)  # human-readable facts for the summary / manifest
+    search_info: dict = field(default_factory=dict)  # how search events were made (data_pipeline.search_data)

@@ -27,10 +27,9 @@ from tqdm import tqdm
 from configs.schema import ShardConfig
 from data_pipeline import schema
 from data_pipeline.atomic_dir import recover, swap_into_place
-from data_pipeline.schema import Dataset
+from data_pipeline.schema import MIN_EVENTS_FOR_EVAL, Dataset
 
 FORMAT_VERSION = 1
-MIN_EVENTS_FOR_EVAL = 3  # train needs >= 1 event, valid and test one target each
 SPLIT_RULE = ("leave-one-out by time per user: test target = last event, validation target = "
               "second-to-last event, train = all earlier events; ties in time keep file order")
 
@@ -100,6 +99,7 @@ def _counts(enc: dict, spans: list, short: dict, ds: Dataset, cold: np.ndarray) 
     test_pos = np.array([e - 1 for (_, s, e), ok in zip(spans, is_eval) if ok], dtype=np.int64)
     train_pos = train_pos[~np.isin(seq[schema.ROW_ITEM, train_pos], cold)]
     valid_pos = valid_pos[~np.isin(seq[schema.ROW_ITEM, valid_pos], cold)]
+    search = _search_counts(seq, train_pos, valid_pos, test_pos)
     per_domain = {}
     for d, name in enumerate(domains):
         in_d = seq[schema.ROW_DOMAIN, kept] == d
@@ -116,8 +116,19 @@ def _counts(enc: dict, spans: list, short: dict, ds: Dataset, cold: np.ndarray) 
                     max=int(lengths.max()) if len(lengths) else 0,
                     mean=round(float(lengths.mean()), 3) if len(lengths) else 0.0),
         skipped_rows=ds.skipped_rows, **short,
-        catalog_items_without_events=len(set(ds.catalog) - set(enc["items"])),
+        catalog_items_without_events=len(set(ds.catalog) - set(enc["items"])), search=search,
     ), per_domain
+
+
+def _search_counts(seq: np.ndarray, train_pos, valid_pos, test_pos) -> dict:
+    """Search targets per split and the test queries no training input holds (the unseen-query slice:
+    a query id model can know nothing about them)."""
+    q = seq[schema.ROW_QUERY]
+    train_q = np.unique(q[train_pos])
+    test_q = q[test_pos][q[test_pos] > 0]
+    unseen = np.setdiff1d(np.unique(test_q), train_q)
+    return dict(valid_search_targets=int((q[valid_pos] > 0).sum()), test_search_targets=len(test_q),
+                test_unseen_query_targets=int(np.isin(test_q, unseen).sum()), unseen_test_queries=unseen.tolist())
 
 
 def _write_one_shard(path: Path, spans: list, enc: dict) -> dict:
@@ -218,6 +229,6 @@ def _manifest(ds, enc, counts, per_domain, shards, cfg, cold) -> dict:
                         short_users=cfg.short_users, cold_item_frac=cfg.cold_item_frac,
                         cold_items=cold.tolist()),
         seq_rows=list(schema.SEQ_ROWS), shards=shards, catalog="catalog.jsonl.gz",
-        semantic_ids=None, notes=list(ds.notes),
+        semantic_ids=None, notes=list(ds.notes), search=ds.search_info or None,
         id_maps=id_maps, item_domain=enc["item_domain"].tolist(),
     )

@@ -67,7 +67,9 @@ class TokenEmbedding(nn.Module):
             if self.query is not None:
                 x = x + self.query(batch.query_ids) * self.scale
             if self.query_proj is not None:
-                text = self.query_text[batch.query_ids].to(self.query_proj.weight.dtype)  # buffer stays fp32
+                vecs = getattr(batch, "query_vectors", None)  # (L, H) encoded at request time (serving)
+                text = self.query_text[batch.query_ids] if vecs is None else vecs  # buffer stays fp32
+                text = text.to(self.query_proj.weight.dtype)
                 x = x + self.query_proj(text) * self.scale
         if self.pos is not None:
             x = x + self.pos(positions.clamp(max=self.pos.num_embeddings - 1))

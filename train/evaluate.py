@@ -152,19 +152,24 @@ def generative_ranks(model, batch, cfg: EvalConfig, num_items: int, cold: torch.
 def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains: list[str],
              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              cold: torch.Tensor | None = None, ranker: Callable | None = None,
-             unrankable: torch.Tensor | None = None) -> dict:
+             unrankable: torch.Tensor | None = None,
+             slices: QuerySlices | None = None) -> dict:
     """Mean metrics over all sequences, per domain, and (when `cold`, sorted item ids held out of
     training, is non-empty) per slice: targets that are cold items, warm ones, and warm ones ranked among
     the warm items only ('warm_among_warm': the same candidate set for every model). `batches` yields
     (batch, is_real): fake batches keep ranks in lock-step (ZeRO-3 forwards are collective) and are not
     counted. `all_reduce` sums a tensor over ranks. `ranker(model, batch, cold) -> BatchRanks` replaces
     the dot-product full ranking (e.g. the generative head's beam search); `unrankable`: see score_batch.
-    `nonfinite_states` counts sequences whose state or target score was NaN/inf (each one a miss)."""
+    `nonfinite_states` counts sequences whose state or target score was NaN/inf (each one a miss).
+    `slices(batch) -> {name: (B,) bool}` (names in slices.names): more slices of the sequences (e.g. seen /
+    unseen query), reported in per_slice with the same metrics."""
     names = metric_names(cfg.ks)
     cold = cold if cold is not None and len(cold) else None
     D = len(domains)
     sums = torch.zeros(D + 3, len(names) + 1, dtype=torch.float64)  # domains, warm, cold, warm-among-warm
     nonfinite = torch.zeros(1, dtype=torch.float64)
+    # slice name -> (M+1,) sums, made up front: every rank all-reduces the same names, even one without data
+    named = {n: torch.zeros(len(names) + 1, dtype=torch.float64) for n in (slices.names if slices else ())}
     was_training = model.training
     model.eval()
     for batch, is_real in batches:
@@ -178,15 +183,35 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
             is_cold = torch.isin(batch.targets[batch.offsets[1:] - 1], cold).cpu()
             sums.index_add_(0, D + is_cold.long(), vals)
             sums[D + 2] += _with_count(rank_metrics(r.warm, cfg.ks))[~is_cold].sum(0)
+        for name, member in (slices(batch) if slices else {}).items():
+            named[name] += vals[member.cpu()].sum(0)
     model.train(was_training)
     sums, nonfinite = all_reduce(sums), all_reduce(nonfinite)
+    named = {k: all_reduce(v) for k, v in sorted(named.items())}
     out = summarize(sums[:D], names, domains)
     out["nonfinite_states"] = int(nonfinite.item())
     out["exclude_history"] = cfg.exclude_history
     if cold is not None:
         out["per_slice"] = {name: _means(sums[D + i], names)
                             for i, name in enumerate(("warm", "cold", "warm_among_warm"))}
+    if named:
+        out["per_slice"] = {**out.get("per_slice", {}), **{k: _means(v, names) for k, v in named.items()}}
     return out
+
+
+class QuerySlices:
+    """Slices for `evaluate`: search targets whose query occurs in training inputs ('seen_query') or never
+    does ('unseen_query': manifest counts.search.unseen_test_queries, sorted ids)."""
+
+    names = ("seen_query", "unseen_query")
+
+    def __init__(self, unseen_queries: torch.Tensor):
+        self.unseen = unseen_queries
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        q = batch.target_query
+        unseen = torch.isin(q, self.unseen.to(q.device))
+        return {"seen_query": (q > 0) & ~unseen, "unseen_query": (q > 0) & unseen}
 
 
 def _with_count(metrics: torch.Tensor) -> torch.Tensor:

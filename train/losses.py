@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import LossConfig
+from data_pipeline.schema import TOKEN_QUERY
 from model.generative import generative_loss
 
 MASKED = -1e4  # logit of a masked candidate: exp(-1e4) == 0 in fp32 and bf16
@@ -123,10 +124,17 @@ def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
                  candidates: torch.Tensor | None = None):
     """Forward + loss. Returns (loss, {"loss", "terms", "positions", "tokens"}) with loss a 0-dim tensor
     and terms the value of each part ("retrieval", and "generative" with a generative head).
+    Positions are weighted by task (cfg.rec_weight at item tokens, cfg.search_weight at query tokens);
+    weight-0 positions are not computed at all.
     candidates (W,): the item ids negatives may be (None = all; see `draw_items`)."""
     states = model(batch)  # (L, D) unit norm
-    has_target = batch.targets > 0
-    s, t = states[has_target], batch.targets[has_target]  # (P, D), (P,)
+    is_query = batch.token_types == TOKEN_QUERY
+    weight = torch.where(is_query, cfg.search_weight, cfg.rec_weight)  # (L,) the task mix
+    has_target = (batch.targets > 0) & (weight > 0)
+    if not bool(has_target.any()):  # e.g. search-only on a batch without searches: a zero loss with a graph
+        zero = states.sum() * 0.0
+        return zero, {"loss": 0.0, "terms": {"retrieval": 0.0}, "positions": 0, "tokens": int(states.shape[0])}
+    s, t, w = states[has_target], batch.targets[has_target], weight[has_target]  # (P, D), (P,), (P,)
     if cfg.kind == "full_softmax":
         logits, labels = full_softmax_logits(s, model, num_items, candidates), t
     elif cfg.kind == "sampled_softmax":
@@ -134,7 +142,8 @@ def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
         labels = torch.zeros_like(t)
     else:
         raise ValueError(f"loss.kind must be sampled_softmax or full_softmax, got {cfg.kind!r}")
-    loss = F.cross_entropy(logits.float() / cfg.temperature, labels)
+    ce = F.cross_entropy(logits.float() / cfg.temperature, labels, reduction="none")  # (P,)
+    loss = (ce * w).sum() / w.sum()  # the plain mean when both task weights are 1
     terms = {"retrieval": loss.detach()}
     head = getattr(model, "gen_head", None)
     if head is not None:  # the next item's semantic-ID tuple, level by level, under the trie of the items

@@ -30,7 +30,7 @@ from model.items import load_item_features
 from model.seqrec import build_model
 from train import engine as E
 from train.baselines import popularity_metrics
-from train.evaluate import evaluate, generative_ranks
+from train.evaluate import QuerySlices, evaluate, generative_ranks
 from train.loop import NonFiniteGuard, dummy_batch, train_epoch
 
 
@@ -40,9 +40,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generative: bool = False) -> dict:
-    """Full-ranking metrics of the dot-product head, or (`generative`) of the semantic-ID beam search."""
-    batches = (b.to(dev) for b in make_loader(cfg.shards, split, _eval_loader(cfg), shuffle=False))
+def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generative: bool = False,
+             task: str = "auto") -> dict:
+    """Full-ranking metrics of the dot-product head, or (`generative`) of the semantic-ID beam search;
+    `task` poses each target as recommendation, search, ... (data_pipeline.collate.example_to_tokens)."""
+    batches = (b.to(dev) for b in make_loader(cfg.shards, split, _eval_loader(cfg), shuffle=False, task=task))
     ecfg, ranker = cfg.eval, None
     if generative:
         ecfg = replace(cfg.eval, ks=[k for k in cfg.eval.ks if k <= cfg.eval.beam])
@@ -52,9 +54,33 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     # not contain it, so it is not ranked (its cold recall is 0 by construction, not by luck)
     unrankable = cold if cfg.model.item_repr == "id" and len(cold) else None
     dummy = lambda: dummy_batch(dev, seen=True)  # its ranks are discarded: any item will do
-    return evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
-                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
-                    unrankable=unrankable)
+    out = evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
+                   manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
+                   unrankable=unrankable, slices=_query_slices(manifest, split))
+    out["task"] = task
+    return out
+
+
+def has_search_targets(manifest: dict) -> bool:
+    return bool((manifest["counts"].get("search") or {}).get("test_search_targets"))
+
+
+def _query_slices(manifest: dict, split: str) -> QuerySlices | None:
+    """Seen / unseen-query slices of the test split (validation queries are all seen by construction)."""
+    if split != "test" or not has_search_targets(manifest):
+        return None
+    return QuerySlices(torch.tensor(manifest["counts"]["search"]["unseen_test_queries"], dtype=torch.long))
+
+
+def test_tasks(eng, cfg: PretrainConfig, manifest: dict, dev) -> dict:
+    """Each search test target ranked as recommendation (history only), as search (history + its query)
+    and query-only (no history); 'rec' also ranks every other test target. Empty without search data."""
+    if not has_search_targets(manifest):
+        return {}
+    out = {task: run_eval(eng, cfg, "test", manifest, dev, task=task) for task in ("rec", "search", "query_only")}
+    if cfg.model.generative_head:  # the generative head decodes from the query token's state too
+        out["search_generative"] = run_eval(eng, cfg, "test", manifest, dev, generative=True, task="search")
+    return out
 
 
 def _eval_loader(cfg: PretrainConfig):
@@ -73,6 +99,9 @@ def make_logger(run_dir: Path, rank: int):
 
 def main(cfg: PretrainConfig) -> dict:
     # ---- setup: process group, seeds, data manifest, run directory --------------------------------------
+    if min(cfg.loss.rec_weight, cfg.loss.search_weight) < 0 or cfg.loss.rec_weight + cfg.loss.search_weight <= 0:
+        raise ValueError(f"loss.rec_weight ({cfg.loss.rec_weight}) and loss.search_weight ({cfg.loss.search_weight}) "
+                         "must be >= 0 and not both 0")
     if cfg.train.select not in ("best_valid", "last", "best_test"):
         raise ValueError(f"train.select must be 'best_valid', 'last' or 'best_test', got {cfg.train.select!r}")
     select_split = "test" if cfg.train.select == "best_test" else "valid"  # best_test: the reference's protocol
@@ -129,7 +158,7 @@ def main(cfg: PretrainConfig) -> dict:
         last_epoch = epoch + 1 == cfg.train.epochs
         if (epoch >= cfg.train.eval_from and (epoch + 1) % cfg.train.eval_every == 0) or last_epoch:
             t_eval = time.perf_counter()
-            val = run_eval(eng, cfg, select_split, manifest, dev)
+            val = run_eval(eng, cfg, select_split, manifest, dev, task=cfg.eval.select_task)
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
             row[select_split] = {k: v for k, v in val.items() if k != "per_domain"}
             if val["ndcg@10"] > state["best_ndcg"]:  # NaN never beats: a diverged epoch is never best
@@ -162,6 +191,7 @@ def main(cfg: PretrainConfig) -> dict:
     E.load_checkpoint(eng, ckpt, "last" if cfg.train.select == "last" else "best", None,
                       with_optimizer=False)
     test = run_eval(eng, cfg, "test", manifest, dev)
+    tasks = test_tasks(eng, cfg, manifest, dev)
     test_generative = None
     if cfg.model.generative_head:
         test_generative = run_eval(eng, cfg, "test", manifest, dev, generative=True)
@@ -169,7 +199,7 @@ def main(cfg: PretrainConfig) -> dict:
     best_valid = state.get("best_valid") if select_split == "valid" else None  # best_test: no valid eval
     metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=best_valid,
                    selected=cfg.train.select, train_through_valid=cfg.data.train_through_valid,
-                   test=test, test_generative=test_generative, test_popularity=popularity,
+                   test=test, test_generative=test_generative, test_popularity=popularity, test_tasks=tasks,
                    train_seconds_this_run=round(train_seconds, 1), exclude_history=cfg.eval.exclude_history,
                    skipped_steps=state.get("skipped_steps", 0), skipped_shards=bad_shards, world_size=world,
                    precision=cfg.train.precision,
@@ -189,4 +219,8 @@ def main(cfg: PretrainConfig) -> dict:
         if test_generative:
             print(f"generative head (beam {cfg.eval.beam}): {show(test_generative)}")
         print(f"popularity baseline:     {show(popularity)}")
+        for name, m in tasks.items():
+            seen, unseen = (m.get("per_slice") or {}).get("seen_query"), (m.get("per_slice") or {}).get("unseen_query")
+            print(f"test as {name} ({m['count']:,} targets): {show(m)}"
+                  + (f"  | seen-query NDCG@10 {seen['ndcg@10']:.4f}, unseen {unseen['ndcg@10']:.4f}" if seen else ""))
     return metrics
