@@ -218,7 +218,8 @@ class ModelConfig:
     CHOICES: ClassVar[dict] = {"arch": ("hstu", "sasrec"), "layer_variant": ("research", "production"),
                                  "attention_backend": ("auto", "ref", "triton"),
                                  "item_repr": ("id", "sid", "id+sid", "id+sid+content"),
-                                 "query_repr": ("id", "text", "id+text")}
+                                 "query_repr": ("id", "text", "id+text"),
+                                 "query_text_proj": ("own", "item_content")}
 
     arch: str = "hstu"
     """Encoder: 'hstu' (pointwise SiLU attention + relative bias) or 'sasrec' (softmax attention + FFN)."""
@@ -267,6 +268,10 @@ class ModelConfig:
     set), 'text' (its MiniLM text vector, content/queries.npy, projected to model.dim: a query never
     trained on still means something) or 'id+text' (their sum). 'text' modes need
     `python -m data_pipeline content` on the shards."""
+    query_text_proj: str = "own"
+    """How a query's text vector reaches model.dim: 'own' (its own learned projection) or 'item_content'
+    (the item content projection of item_repr 'id+sid+content', shared: a query and an item whose texts
+    are alike start alike, which is what lets a query string never trained on find its items)."""
     generative_head: bool = False
     """Add a head that predicts the next item's semantic-ID tuple level by level (trained with
     loss.generative_weight, decoded by trie-constrained beam search); needs semantic_ids/."""
@@ -444,3 +449,11 @@ class ServeConfig:
     max_history: int = 10_000
     """History (and exclude) lists longer than this are refused with 422; up to it the most recent
     max_len items are encoded and all of them are excluded from the answer."""
+    search: bool = True
+    """Serve POST /search (a model with query tokens). Off (`--no-search`): /recommend only, /search answers
+    503, and no text encoder is loaded or checked (e.g. when the installed one differs from the export's)."""
+    max_query_chars: int = 512
+    """/search queries longer than this (characters, after stripping) are cut to it, with a warning."""
+    text_encoder: str = ""
+    """Folder of the query text encoder for unseen /search queries ('' = the installed all-MiniLM-L6-v2, as
+    content.encoder); its files' sha256 must equal the export's config.json query_encoder.encoder_sha256."""

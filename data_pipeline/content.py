@@ -146,7 +146,6 @@ def _atomic_write_text(path: Path, text: str) -> None:
 def _encode(texts: list[str], path: Path, cfg: ContentConfig, progress: bool) -> np.ndarray:
     """texts (N,) -> (N, H) float32: length-sorted batches, masked mean pooling, L2 norm."""
     import torch
-    import torch.nn.functional as F
     tokenizer, model = load_text_encoder(path)
     lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=cfg.max_length)["input_ids"]]
     # longest first: padding per batch ~ the batch's own spread, and an out-of-memory shows up at once
@@ -156,14 +155,21 @@ def _encode(texts: list[str], path: Path, cfg: ContentConfig, progress: bool) ->
     with bar, torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         for start in range(0, len(texts), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=cfg.max_length,
-                            return_tensors="pt")
-            hidden = model(**enc).last_hidden_state.float()  # (b, T, H)
-            mask = enc["attention_mask"].unsqueeze(-1).float()  # (b, T, 1)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, H), as sentence-transformers
-            out[idx] = F.normalize(pooled, dim=-1).numpy()
+            out[idx] = pooled_vectors(tokenizer, model, [texts[i] for i in idx], cfg.max_length).numpy()
             bar.update(len(idx))
     return out
+
+
+def pooled_vectors(tokenizer, model, texts: list[str], max_length: int):
+    """One batch of texts -> (b, H) float32 unit rows: masked mean pooling (as sentence-transformers) + L2
+    norm. The offline vectors and the server's on-the-fly query vectors both come from here; call it
+    under torch.inference_mode() (and the bf16 autocast when the vectors were made with bf16)."""
+    import torch.nn.functional as F
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    hidden = model(**enc).last_hidden_state.float()  # (b, T, H)
+    mask = enc["attention_mask"].unsqueeze(-1).float()  # (b, T, 1)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (b, H)
+    return F.normalize(pooled, dim=-1)
 
 
 def embed_texts(texts: list[str], cfg: ContentConfig, progress: bool = True) -> np.ndarray:

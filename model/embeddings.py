@@ -31,7 +31,7 @@ class TokenEmbedding(nn.Module):
         D = cfg.dim
         self.scale = math.sqrt(D)  # the research recipe: item_emb * sqrt(D), embeddings init with std 0.02
         self.item = ItemEncoder(cfg.item_repr, num_items, D, feats)  # also the retrieval table
-        self.query, self.query_proj, self.token_type = None, None, None
+        self.query, self.query_proj, self.token_type, self.query_shared = None, None, None, False
         if cfg.query_repr not in QUERY_REPRS:
             raise ValueError(f"model.query_repr must be one of {QUERY_REPRS}, got {cfg.query_repr!r}")
         if num_queries > 0:  # query tokens: a query id embedding and/or its projected text + a token type
@@ -49,9 +49,7 @@ class TokenEmbedding(nn.Module):
                                      f"{num_queries} queries (+1 padding row): run `python -m data_pipeline "
                                      f"content --shards ...`; got {None if text is None else tuple(text.shape)}")
                 self.register_buffer("query_text", text.float())  # (Q+1, H), row 0 zeros
-                # unit text vectors through std 0.02: the same scale as the id embedding it replaces
-                self.query_proj = nn.Linear(text.shape[1], D, bias=False)
-                nn.init.normal_(self.query_proj.weight, std=0.02)
+                self.query_proj = self._query_projection(cfg, text.shape[1], D)  # None = the item content one
         self.pos = nn.Embedding(max_len, D) if cfg.abs_pos_emb else None
         if self.pos is not None:
             nn.init.trunc_normal_(self.pos.weight, std=math.sqrt(1.0 / D))
@@ -60,17 +58,34 @@ class TokenEmbedding(nn.Module):
             nn.init.zeros_(self.action.weight)
         self.dropout = nn.Dropout(cfg.input_dropout)
 
+    def _query_projection(self, cfg: ModelConfig, H: int, D: int) -> nn.Module | None:
+        """The query text projection; None = share the item content projection (not registered twice:
+        one weight, one state-dict key, as safetensors requires)."""
+        self.query_shared = cfg.query_text_proj == "item_content"
+        if self.query_shared:
+            proj = self.item.content_proj
+            if proj is None or proj.in_features != H:
+                raise ValueError(f"model.query_text_proj='item_content' needs item_repr 'id+sid+content' with "
+                                 f"text content vectors of size {H} (the query encoder's), got "
+                                 f"{None if proj is None else proj.in_features}")
+            return None
+        if cfg.query_text_proj != "own":
+            raise ValueError(f"model.query_text_proj must be 'own' or 'item_content', got {cfg.query_text_proj!r}")
+        proj = nn.Linear(H, D, bias=False)  # unit text vectors through std 0.02: the id embedding's scale
+        nn.init.normal_(proj.weight, std=0.02)
+        return proj
+
     def forward(self, batch, positions: torch.Tensor) -> torch.Tensor:
         x = self.item(batch.item_ids) * self.scale  # (L, D); query tokens have item id 0 -> zero row
         if self.token_type is not None:  # query id 0 (item tokens) embeds to zero on both query paths
             x = x + self.token_type(batch.token_types)
             if self.query is not None:
                 x = x + self.query(batch.query_ids) * self.scale
-            if self.query_proj is not None:
+            proj = self.item.content_proj if self.query_shared else self.query_proj
+            if proj is not None:
                 vecs = getattr(batch, "query_vectors", None)  # (L, H) encoded at request time (serving)
                 text = self.query_text[batch.query_ids] if vecs is None else vecs  # buffer stays fp32
-                text = text.to(self.query_proj.weight.dtype)
-                x = x + self.query_proj(text) * self.scale
+                x = x + proj(text.to(proj.weight.dtype)) * self.scale
         if self.pos is not None:
             x = x + self.pos(positions.clamp(max=self.pos.num_embeddings - 1))
         if self.action is not None:

@@ -3,8 +3,13 @@
     POST /recommend  {history: [raw ids], timestamps?: [unix s], now?: unix s, actions?: [codes], k: 10,
                       exclude_history: true, exclude?: [raw ids], head?: "retrieval"|"generative", beam?: 50}
                   -> {items: [{id, score, title}], model, took_ms, warnings: [...], fallback: null|"popularity"}
-    POST /search     {query, history?, k?}  -> 501 until the model has a query path
+    POST /search     {query, history?: [raw ids], history_queries?: [str|null], ...every /recommend field}
+                  -> the /recommend answer + query_known (501: a model without query tokens; 503: --no-search)
     GET  /health, /ready, /items/{id}, /metrics (Prometheus text)
+
+/search (serve/search.py) is the history + a query token, through the eager model (program.pt2 has no
+query inputs); it shares /recommend's validation, micro-batcher and metrics. An empty or whitespace query
+is a 422; one over max_query_chars is cut, with a warning.
 
 Bad input is a 4xx naming the field, never a 5xx: JSON types are strict (a number sent as a string is
 refused, not coerced), unknown fields are refused (a misspelt `exclude_histroy` would otherwise be
@@ -26,7 +31,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from configs.schema import ServeConfig
 from data_pipeline.schema import NUM_ACTIONS
 from serve.engine import MicroBatcher, Prepared, Recommender, RequestError
+from serve.search import Searcher, SearchPrepared, batch_runner, make_searcher
 
+BATCHED = ("/recommend", "/search")  # endpoints whose forward passes go through the micro-batcher
+BY_CONTRACT = (501, 503)  # /search without a query path / turned off, /ready before warm-up: not faults
 TIME_MAX = 1 << 42  # unix seconds (year ~141,000): anything larger is a unit mistake (ms or ns)
 RawId = StrictStr | StrictInt
 Timestamp = Annotated[StrictInt, Field(ge=0, le=TIME_MAX)]
@@ -47,11 +55,11 @@ def request_models(cfg: ServeConfig):
         head: Literal["retrieval", "generative"] = "retrieval"
         beam: StrictInt = 50
 
-    class SearchRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    class SearchRequest(RecommendRequest):  # every /recommend field, the same limits
         query: StrictStr
-        history: list[RawId] = Field(default_factory=list, max_length=cfg.max_history)
-        k: StrictInt = 10
+        history: list[RawId] = Field(default_factory=list, max_length=cfg.max_history)  # may be empty
+        # aligned with history: the query string of an event that was a search (its item was clicked for it)
+        history_queries: list[StrictStr | None] | None = Field(None, max_length=cfg.max_history)
 
     return RecommendRequest, SearchRequest
 
@@ -60,7 +68,7 @@ class Guard:
     """Pure ASGI middleware around the app (Starlette's BaseHTTPMiddleware costs ~1 ms a request here):
     413 for a body over `limit` bytes (by Content-Length, or by counting a streamed body), a 500 instead
     of a dropped connection when a handler raises, the in-flight count of /recommend requests (the
-    micro-batcher reads it), and the request / latency / error metrics."""
+    micro-batcher reads it; /search shares the batcher), and the request / latency / error metrics."""
 
     def __init__(self, app, limit: int, metrics: dict, state: dict):
         self.app, self.limit, self.m, self.state = app, limit, metrics, state
@@ -69,7 +77,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [0]
-        counted = scope["path"] == "/recommend"  # counted from before its body is read and parsed
+        counted = scope["path"] in BATCHED  # counted from before its body is read and parsed
 
         async def observed_send(msg):
             if msg["type"] == "http.response.start":
@@ -94,7 +102,7 @@ class Guard:
             endpoint = getattr(scope.get("route"), "path", "unmatched")
             self.m["requests"].labels(endpoint, str(status[0])).inc()
             self.m["latency"].labels(endpoint).observe(time.perf_counter() - t0)
-            if status[0] >= 500 and status[0] != 501:  # 501: /search answers so by contract, not a fault
+            if status[0] >= 500 and status[0] not in BY_CONTRACT:
                 self.m["errors"].labels(endpoint).inc()
 
     async def _read_body(self, scope, receive) -> bytes:
@@ -152,12 +160,23 @@ def _metrics(registry: CollectorRegistry) -> dict:
     )
 
 
-def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
-    """The FastAPI app over `rec`; its lifespan starts the micro-batcher and warms the encoder up."""
+def search_unavailable(rec: Recommender, cfg: ServeConfig) -> tuple[int, str]:
+    """Why this server has no /search: (status, message)."""
+    if not cfg.search:
+        return 503, "search is turned off on this server (serve search=false / --no-search): use /recommend"
+    return 501, ("search is not available: this model has no query tokens (its shards had no search events), "
+                 "so it answers /recommend only")
+
+
+def make_app(rec: Recommender, cfg: ServeConfig, searcher: Searcher | None = None) -> FastAPI:
+    """The FastAPI app over `rec`; its lifespan starts the micro-batcher and warms the encoder up.
+    `searcher`: /search's engine; None builds it here when cfg.search and the model has query tokens
+    (loading the text encoder: python -m serve builds it first, to refuse to start on a mismatch)."""
+    searcher = (searcher or make_searcher(rec, cfg)) if cfg.search else None
     exp, registry = rec.exp, CollectorRegistry()
     m = _metrics(registry)
-    state = {"ready": False, "in_flight": 0}  # in_flight: /recommend requests started, not yet answered
-    batcher = MicroBatcher(rec.run, cfg.max_batch, cfg.max_wait_ms, on_batch=m["batch"].observe,
+    state = {"ready": False, "in_flight": 0}  # in_flight: batched requests started, not yet answered
+    batcher = MicroBatcher(batch_runner(rec, searcher), cfg.max_batch, cfg.max_wait_ms, on_batch=m["batch"].observe,
                            pending=lambda: state["in_flight"])
     RecommendRequest, SearchRequest = request_models(cfg)
 
@@ -166,6 +185,8 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
         batcher.start()
         first = int(exp.popular[0]) if len(exp.popular) else 1
         await batcher.submit(rec.prepare([exp.items[first - 1]["item_id"]], k=1))  # first call compiles/warms
+        if searcher is not None:  # the eager model and (for a text model) the encoder's first call
+            await batcher.submit(searcher.prepare("warm-up" if searcher.encoder else exp.queries[1], k=1))
         state["ready"] = True
         yield
         state["ready"] = False
@@ -189,16 +210,26 @@ def make_app(rec: Recommender, cfg: ServeConfig) -> FastAPI:
         except RequestError as e:
             return JSONResponse({"detail": [{"loc": ["body", e.field_name], "msg": str(e)}]}, status_code=422)
         answer = await batcher.submit(prepared)
+        return JSONResponse(answer_body(answer, prepared, t0))  # no jsonable_encoder pass
+
+    def answer_body(answer, prepared, t0: float) -> dict:
         items = [dict(id=exp.items[i - 1]["item_id"], score=s, title=exp.items[i - 1].get("title"))
                  for i, s in answer.hits]
-        return JSONResponse(dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
-                                 warnings=prepared.warnings, fallback=answer.fallback))  # no jsonable_encoder pass
+        return dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
+                    warnings=prepared.warnings, fallback=answer.fallback)
 
     @app.post("/search")
     async def search(req: SearchRequest):
-        return JSONResponse({"detail": "search is not available: this model has no query path yet (it answers "
-                                       "/recommend only); query-text search is the next capability"},
-                            status_code=501)
+        t0 = time.perf_counter()
+        if searcher is None:
+            status, message = search_unavailable(rec, cfg)
+            return JSONResponse({"detail": message}, status_code=status)
+        try:
+            prepared: SearchPrepared = searcher.prepare(**req.model_dump())
+        except RequestError as e:
+            return JSONResponse({"detail": [{"loc": ["body", e.field_name], "msg": str(e)}]}, status_code=422)
+        answer = await batcher.submit(prepared)
+        return JSONResponse(dict(answer_body(answer, prepared, t0), query_known=prepared.query_known))
 
     @app.get("/health")
     async def health():

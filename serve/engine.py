@@ -85,17 +85,24 @@ class Recommender:
     def prepare(self, history: list, timestamps: list[int] | None = None, now: int | None = None,
                 actions: list[int] | None = None, k: int = 10, exclude_history: bool = True,
                 exclude: list | None = None, head: str = "retrieval", beam: int = 50) -> Prepared:
+        p, _ = self.prepare_events(history, timestamps, now, actions, k, exclude_history, exclude, head, beam)
+        if len(p.items) > self.exp.max_len:
+            n = self.exp.max_len
+            p.warnings.append(f"history has {len(p.items)} known items; the most recent {n} (max_len) are used")
+            p.items, p.timestamps, p.actions = p.items[-n:], p.timestamps[-n:], p.actions[-n:]
+        return p
+
+    def prepare_events(self, history: list, timestamps: list[int] | None = None, now: int | None = None,
+                       actions: list[int] | None = None, k: int = 10, exclude_history: bool = True,
+                       exclude: list | None = None, head: str = "retrieval", beam: int = 50
+                       ) -> tuple[Prepared, np.ndarray]:
+        """The checks and repairs /recommend and /search share -> (Prepared with the whole known history,
+        not yet cut to max_len; positions in `history` of the known items)."""
         exp, warnings = self.exp, []
         for name, seq in (("timestamps", timestamps), ("actions", actions)):
             if seq is not None and len(seq) != len(history):
                 raise RequestError(name, f"{name} has {len(seq)} entries, history has {len(history)}")
-        if not 1 <= k <= self.num_servable:
-            raise RequestError("k", f"k must be in 1..{self.num_servable} (the servable catalogue), got {k}")
-        if head == "generative":
-            if exp.model.gen_head is None:
-                raise RequestError("head", "this export has no generative head (head='retrieval' only)")
-            if not k <= beam <= 1024:
-                raise RequestError("beam", f"beam must be in k..1024 = {k}..1024, got {beam}")
+        self._check_k(k, head, beam)
         keep, items, unknown = _known(exp, history)
         if unknown:
             if len(keep) == 0:
@@ -108,11 +115,16 @@ class Recommender:
         _, excluded, _ = _known(exp, exclude or [])
         if exclude_history:  # every known item sent, not only the max_len the model reads ('full' rule)
             excluded = np.concatenate([excluded, items])
-        excluded = np.unique(excluded)
-        if len(items) > exp.max_len:
-            warnings.append(f"history has {len(items)} known items; the most recent {exp.max_len} (max_len) are used")
-            items, ts, acts = items[-exp.max_len:], ts[-exp.max_len:], acts[-exp.max_len:]
-        return Prepared(items, ts, acts, now, excluded, k, head, beam, warnings)
+        return Prepared(items, ts, acts, now, np.unique(excluded), k, head, beam, warnings), keep
+
+    def _check_k(self, k: int, head: str, beam: int) -> None:
+        if not 1 <= k <= self.num_servable:
+            raise RequestError("k", f"k must be in 1..{self.num_servable} (the servable catalogue), got {k}")
+        if head == "generative":
+            if self.exp.model.gen_head is None:
+                raise RequestError("head", "this export has no generative head (head='retrieval' only)")
+            if not k <= beam <= 1024:
+                raise RequestError("beam", f"beam must be in k..1024 = {k}..1024, got {beam}")
 
     def _timestamps(self, timestamps, keep, n, warnings) -> np.ndarray:
         if timestamps is None:
@@ -163,16 +175,23 @@ class Recommender:
             if not len(r.items):
                 answers[i] = self._popular(r)
         if with_history:
-            states = self.encode([reqs[i] for i in with_history]).float()
-            retrieval = [j for j, i in enumerate(with_history) if reqs[i].head == "retrieval"]
-            if retrieval:
-                sub = [reqs[with_history[j]] for j in retrieval]
-                ids, scores = self.index.search(states[retrieval], max(r.k for r in sub), [r.exclude for r in sub])
-                for row, (j, r) in enumerate(zip(retrieval, sub)):
-                    answers[with_history[j]] = Answer(valid_hits(ids[row], scores[row])[:r.k])
-            for j, i in enumerate(with_history):
-                if reqs[i].head == "generative":
-                    answers[i] = self._generative(states[j:j + 1], reqs[i])
+            sub = [reqs[i] for i in with_history]
+            for i, a in zip(with_history, self.rank(self.encode(sub).float(), sub)):
+                answers[i] = a
+        return answers
+
+    def rank(self, states: torch.Tensor, reqs: list) -> list[Answer]:
+        """states (B, D) -> each request's own top-k (its k, exclusions and head); /search ranks here too."""
+        answers: list[Answer | None] = [None] * len(reqs)
+        retrieval = [j for j, r in enumerate(reqs) if r.head == "retrieval"]
+        if retrieval:
+            sub = [reqs[j] for j in retrieval]
+            ids, scores = self.index.search(states[retrieval], max(r.k for r in sub), [r.exclude for r in sub])
+            for row, (j, r) in enumerate(zip(retrieval, sub)):
+                answers[j] = Answer(valid_hits(ids[row], scores[row])[:r.k])
+        for j, r in enumerate(reqs):
+            if r.head == "generative":
+                answers[j] = self._generative(states[j:j + 1], r)
         return answers
 
     def _popular(self, r: Prepared) -> Answer:

@@ -5,13 +5,16 @@
 Checks, in order: export.json parses and has this format; every file it lists exists and matches its
 sha256 (a tampered, truncated or missing file fails here, by name); the required files are among them;
 config.json's model config has known keys; the weights load strictly into the model it describes; the
-item index and items.jsonl.gz agree with the config's catalogue size. Never imports train/ or DeepSpeed.
+item index and items.jsonl.gz agree with the config's catalogue size; a model with query tokens has its
+query vocabulary (queries.json) and, when it reads query text, the text encoder's record in config.json
+(`query_encoder`: folder, sha256, max_length, dim; serve/search.py checks the installed encoder against
+it). Never imports train/ or DeepSpeed.
 """
 from __future__ import annotations
 
 import gzip
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +48,8 @@ class Export:
     items: list[dict]  # items.jsonl.gz rows; items[i - 1] is dense id i
     index_of: dict[str, int]  # raw item id -> dense id
     popular: np.ndarray  # servable dense ids, most trained-on first (the empty-history fallback)
+    queries: list[str] = field(default_factory=list)  # queries.json: query id -> string (0 = ""); [] = none
+    query_of: dict[str, int] = field(default_factory=dict)  # query string -> query id (ids >= 1)
 
     @property
     def model_id(self) -> str:
@@ -58,6 +63,16 @@ class Export:
     @property
     def num_items(self) -> int:
         return int(self.config["num_items"])
+
+    @property
+    def has_queries(self) -> bool:
+        """The model has query tokens (a query vocabulary and a query embedding path): /search can work."""
+        return int(self.config["num_queries"]) > 0
+
+    @property
+    def query_encoder(self) -> dict | None:
+        """config.json's text encoder record when the model reads query text (query_repr text / id+text)."""
+        return self.config.get("query_encoder")
 
     def load_program(self, kind: str = "program"):
         """The compiled encoder: 'program' (torch.export, program.pt2) or 'aoti' (program_aoti.pt2)."""
@@ -121,6 +136,35 @@ def _load_items(path: Path, num_items: int) -> list[dict]:
     return items
 
 
+QUERY_ENCODER_KEYS = (("encoder", str), ("encoder_sha256", str), ("max_length", int), ("dim", int), ("bf16", bool))
+
+
+def _load_queries(path: Path, record: dict, config: dict, model: SeqRecModel) -> list[str]:
+    """queries.json (checked against config.json) and config.json's query facts; [] without query tokens."""
+    num = int(config["num_queries"])
+    if num == 0:
+        return []
+    if "queries.json" not in record["files"]:
+        raise ExportLoadError(f"{path / 'export.json'} does not list queries.json (the model has {num} queries)")
+    strings = _read_json(path / "queries.json")
+    if (not isinstance(strings, list) or len(strings) != num + 1 or strings[0] != ""
+            or not all(isinstance(q, str) and q for q in strings[1:])):
+        raise ExportLoadError(f"{path / 'queries.json'} must be a list of {num + 1} strings, '' first "
+                              "(config.json's num_queries + 1)")
+    if config.get("query_repr") != config["model"].get("query_repr"):
+        raise ExportLoadError(f"{path / 'config.json'}: query_repr {config.get('query_repr')!r} is not the model's "
+                              f"{config['model'].get('query_repr')!r}")
+    text = getattr(model.embed, "query_text", None)
+    if text is not None:
+        enc = config.get("query_encoder")
+        bad = [k for k, t in QUERY_ENCODER_KEYS if not isinstance(enc, dict) or not isinstance(enc.get(k), t)]
+        if bad or enc["dim"] != text.shape[1]:
+            raise ExportLoadError(f"{path / 'config.json'}: query_encoder must record the text encoder "
+                                  f"({', '.join(k for k, _ in QUERY_ENCODER_KEYS)}; dim {text.shape[1]}), "
+                                  f"got {enc!r}")
+    return strings
+
+
 def load_export(path: str | Path) -> Export:
     """Verify and load an export folder (see the module docstring)."""
     path = Path(path)
@@ -144,4 +188,6 @@ def load_export(path: str | Path) -> Export:
     counts = np.array([0] + [r.get("train_count", 0) for r in items], dtype=np.int64)
     ids = np.nonzero(servable.numpy())[0]
     popular = ids[np.lexsort((ids, -counts[ids]))]  # most trained-on first, ties by id
-    return Export(path, record, config, model, table.float(), servable.bool(), items, index_of, popular)
+    queries = _load_queries(path, record, config, model)
+    return Export(path, record, config, model, table.float(), servable.bool(), items, index_of, popular,
+                  queries, {q: i for i, q in enumerate(queries) if i > 0})

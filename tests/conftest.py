@@ -97,3 +97,42 @@ def tiny_export(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_export") / "export"
     export(tiny_run, out, command="test fixture")
     return out
+
+
+# ---- the same tiny world with searches, a query_repr=text run and its export (tests/test_serve_search.py) --
+@pytest.fixture(scope="session")
+def tiny_search_shards(tmp_path_factory):
+    """tiny_shards' world with searches (30% of events; the query is words of the clicked item), so test
+    targets include search targets, plus content/queries.{npy,json}: every query string encoded by MiniLM,
+    the step of `python -m data_pipeline content` a query_repr=text model needs (item content and semantic
+    IDs are not: the model is ID-only on the item side). ~5 s."""
+    from configs.schema import ContentConfig, SyntheticConfig
+    from data_pipeline.queries import embed_queries
+    from data_pipeline.synthetic import generate
+    from data_pipeline.write_shards import write_shards
+    out = tmp_path_factory.mktemp("tiny_search") / "shards"
+    ds = generate(SyntheticConfig(num_users=120, items_per_domain=30, mean_events=14, search_prob=0.3)).dataset
+    write_shards(ds, out, ShardConfig(samples_per_shard=30), progress=False)
+    embed_queries(out, ContentConfig(cache_dir=""), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_search_run(tiny_search_shards, tmp_path_factory):
+    """2 epochs of pretraining with query tokens embedded from their text (model.query_repr=text)."""
+    from configs.load import load_config
+    from configs.schema import PretrainConfig
+    from train.pretrain import main
+    run = tmp_path_factory.mktemp("tiny_search_run") / "run"
+    main(load_config(PretrainConfig, None, TINY_RUN + [f"shards={tiny_search_shards}", f"run_dir={run}",
+                                                       "train.epochs=2", "model.query_repr=text"]))
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_search_export(tiny_search_run, tmp_path_factory):
+    """`python -m train export` of tiny_search_run; tests must not modify it (copy it first)."""
+    from train.export import main as export
+    out = tmp_path_factory.mktemp("tiny_search_export") / "export"
+    export(tiny_search_run, out, command="test fixture")
+    return out

@@ -80,18 +80,30 @@ def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch
     among the warm items only (BatchRanks.warm), so models that can and cannot rank cold items compare on
     one candidate set. Non-finite scores never help: a NaN state or target score is a miss, and a NaN
     candidate score counts as beating the target (NaN compares False, so it would otherwise rank first)."""
-    last = batch.offsets[1:] - 1
-    q, targets = model(batch, last_only=True).float(), batch.targets[last]  # (B, D), (B,)
-    chunks = [(lo, min(lo + cfg.item_chunk, num_items + 1)) for lo in range(0, num_items + 1, cfg.item_chunk)]
+    q = model(batch, last_only=True).float()  # (B, D)
 
     def scores(lo, hi):  # (B, hi - lo); through the embedding module so ZeRO-3 gathers its weight
         ids = torch.arange(lo, hi, device=q.device)
         return q @ F.normalize(model.embed.item(ids).float(), dim=-1, eps=1e-6).T
 
+    return rank_targets(scores, batch, cfg, num_items, torch.isfinite(q).all(1), unrankable, cold)
+
+
+def rank_targets(scores: Callable[[int, int], torch.Tensor], batch, cfg: EvalConfig, num_items: int,
+                 finite_state: torch.Tensor | None = None, unrankable: torch.Tensor | None = None,
+                 cold: torch.Tensor | None = None) -> BatchRanks:
+    """The ranking rules of `score_batch` for any scorer: `scores(lo, hi)` -> (B, hi - lo) scores of items
+    lo..hi-1 for each sequence (column 0, the padding id, is never ranked); `finite_state` (B,) bool, False
+    where the sequence's state was NaN/inf (a miss). Non-model scorers (train/search_baselines.py) call it
+    directly, so they rank by exactly the models' rules."""
+    targets = batch.targets[batch.offsets[1:] - 1]  # (B,)
+    chunks = [(lo, min(lo + cfg.item_chunk, num_items + 1)) for lo in range(0, num_items + 1, cfg.item_chunk)]
     cache = scores(*chunks[0]) if len(chunks) == 1 else None
-    t_score = torch.empty_like(targets, dtype=q.dtype)
+    t_score = None
     for lo, hi in chunks:  # the target's score from the same matmul that scores everything else
         s = cache if cache is not None else scores(lo, hi)
+        if t_score is None:
+            t_score = torch.empty_like(targets, dtype=s.dtype)
         inside = (targets >= lo) & (targets < hi)
         t_score[inside] = s[inside, targets[inside] - lo]
     above, above_cold = torch.zeros_like(targets), torch.zeros_like(targets)
@@ -100,7 +112,7 @@ def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch
         excluded = _history_mask(batch, lo, hi, targets, cfg.exclude_history)
         if lo == 0:
             excluded[:, 0] = True  # padding id
-        ids = torch.arange(lo, hi, device=q.device)
+        ids = torch.arange(lo, hi, device=targets.device)
         if unrankable is not None:
             excluded |= torch.isin(ids, unrankable)[None, :]
         beats = (s > t_score[:, None]) | ((s == t_score[:, None]) & (ids[None, :] != targets[:, None])) | s.isnan()
@@ -108,7 +120,7 @@ def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch
         above += beats.sum(1)
         if cold is not None:
             above_cold += (beats & torch.isin(ids, cold)[None, :]).sum(1)
-    nonfinite = ~torch.isfinite(q).all(1) | ~torch.isfinite(t_score)
+    nonfinite = ~torch.isfinite(t_score) if finite_state is None else ~finite_state | ~torch.isfinite(t_score)
     miss = nonfinite if unrankable is None else nonfinite | torch.isin(targets, unrankable)
     ranks = torch.where(miss, MISS, above + 1)
     warm = None
@@ -153,7 +165,7 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              cold: torch.Tensor | None = None, ranker: Callable | None = None,
              unrankable: torch.Tensor | None = None,
-             slices: QuerySlices | None = None) -> dict:
+             slices: QuerySlices | None = None, num_users: int = 0) -> dict:
     """Mean metrics over all sequences, per domain, and (when `cold`, sorted item ids held out of
     training, is non-empty) per slice: targets that are cold items, warm ones, and warm ones ranked among
     the warm items only ('warm_among_warm': the same candidate set for every model). `batches` yields
@@ -162,7 +174,9 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     the dot-product full ranking (e.g. the generative head's beam search); `unrankable`: see score_batch.
     `nonfinite_states` counts sequences whose state or target score was NaN/inf (each one a miss).
     `slices(batch) -> {name: (B,) bool}` (names in slices.names): more slices of the sequences (e.g. seen /
-    unseen query), reported in per_slice with the same metrics."""
+    unseen query), reported in per_slice with the same metrics. `num_users` > 0: also return
+    out["ranks"], the rank of each user's target (index = dense user; 0 = no target, -1 = a miss), for
+    confidence intervals over targets (one target per user per split, so ranks sum across ranks exactly)."""
     names = metric_names(cfg.ks)
     cold = cold if cold is not None and len(cold) else None
     D = len(domains)
@@ -170,6 +184,7 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     nonfinite = torch.zeros(1, dtype=torch.float64)
     # slice name -> (M+1,) sums, made up front: every rank all-reduces the same names, even one without data
     named = {n: torch.zeros(len(names) + 1, dtype=torch.float64) for n in (slices.names if slices else ())}
+    by_user = torch.zeros(num_users, dtype=torch.float64)
     was_training = model.training
     model.eval()
     for batch, is_real in batches:
@@ -177,6 +192,8 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
         if not is_real:
             continue
         vals = _with_count(rank_metrics(r.ranks, cfg.ks))
+        if num_users:
+            by_user[batch.user.cpu()] = torch.where(r.ranks == MISS, -1, r.ranks).double().cpu()
         sums.index_add_(0, batch.domain.cpu(), vals)
         nonfinite += r.nonfinite.sum().item()
         if cold is not None:
@@ -188,12 +205,15 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     model.train(was_training)
     sums, nonfinite = all_reduce(sums), all_reduce(nonfinite)
     named = {k: all_reduce(v) for k, v in sorted(named.items())}
+    by_user = all_reduce(by_user) if num_users else by_user
     out = summarize(sums[:D], names, domains)
     out["nonfinite_states"] = int(nonfinite.item())
     out["exclude_history"] = cfg.exclude_history
     if cold is not None:
         out["per_slice"] = {name: _means(sums[D + i], names)
                             for i, name in enumerate(("warm", "cold", "warm_among_warm"))}
+    if num_users:
+        out["ranks"] = by_user.long().tolist()
     if named:
         out["per_slice"] = {**out.get("per_slice", {}), **{k: _means(v, names) for k, v in named.items()}}
     return out

@@ -9,6 +9,7 @@ semantic IDs, training counts) -> OUT/
     items.jsonl.gz          dense id -> raw id, domain, title, cold, servable, train_count (0 = padding left out)
     item_index.safetensors  "items" (I+1, D): the unit-norm table the retrieval head scores; "servable" (I+1,)
     semantic_ids/           codes + codebook, when the shards have them (the trie is built from the codes)
+    queries.json            with query tokens: the query vocabulary, index = query id (0 = ""), for /search
     program.pt2             torch.export of the encoder (padded histories -> last state), dynamic B and N
     program_aoti.pt2        with --aoti: the same program compiled by AOTInductor
     README.md               model card
@@ -138,7 +139,7 @@ def item_rows(shards: Path, manifest: dict, servable: np.ndarray, counts: np.nda
     return out
 
 
-def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel) -> dict:
+def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel, query_encoder: dict | None = None) -> dict:
     v = manifest["vocab"]
     return dict(format=FORMAT, format_version=FORMAT_VERSION, model=asdict(cfg.model), max_len=cfg.data.max_len,
                 num_items=v["num_items"], num_queries=v["num_queries"], dim=cfg.model.dim,
@@ -146,7 +147,39 @@ def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel) -> dict:
                 dataset=manifest["dataset"], domains=manifest["id_maps"]["domains"],
                 exclude_history=cfg.eval.exclude_history, program_inputs=list(PROGRAM_INPUTS),
                 timestamps=("unix seconds" if manifest.get("has_timestamps", True) else
-                            "per-user chronological ranks 0, 1, 2, ... (the source has no times)"))
+                            "per-user chronological ranks 0, 1, 2, ... (the source has no times)"),
+                query_repr=cfg.model.query_repr if v["num_queries"] else None, query_encoder=query_encoder)
+
+
+QUERY_ENCODER_KEYS = ("encoder", "encoder_sha256", "max_length", "dim", "bf16")  # from content/queries.json
+
+
+def write_queries(shards: Path, manifest: dict, model: SeqRecModel, out: Path) -> dict | None:
+    """With query tokens: out/queries.json (the vocabulary, index = query id, 0 = "") and, for a model that
+    reads query text, the text encoder's record from the shards' content/queries.json (config.json's
+    `query_encoder`: the server encodes unseen query strings with it and refuses another encoder).
+    Raises ExportError when the shards' query vectors are not the ones inside the model."""
+    strings, num = manifest["id_maps"].get("queries", [""]), manifest["vocab"]["num_queries"]
+    if not num:
+        return None
+    if len(strings) != num + 1 or strings[0] != "":
+        raise ExportError(f"{shards / 'manifest.json'}: id_maps.queries has {len(strings)} strings, "
+                          f"vocab.num_queries + 1 = {num + 1} expected (row 0 = '')")
+    write_json(out / "queries.json", strings)
+    text = getattr(model.embed, "query_text", None)  # (Q+1, H) buffer: only query_repr text / id+text
+    if text is None:
+        return None  # an id-only query model reads no text: no encoder to pin
+    from data_pipeline.content import ContentError
+    from data_pipeline.queries import load_query_vectors
+    try:
+        vectors, meta = load_query_vectors(shards)
+    except ContentError as e:
+        raise ExportError(str(e)) from e
+    if not torch.equal(torch.from_numpy(vectors), text.float()):
+        raise ExportError(f"{shards / 'content' / 'queries.npy'} differs from the query vectors the model trained "
+                          "with (content re-run with another encoder or settings?): the server could not encode "
+                          "new queries like the trained ones")
+    return {k: meta.get(k, False if k == "bf16" else None) for k in QUERY_ENCODER_KEYS}
 
 
 def write_json(path: Path, obj) -> None:
@@ -213,7 +246,8 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
             f.write(json.dumps(row) + "\n")
     if manifest.get("semantic_ids"):
         shutil.copytree(shards / manifest["semantic_ids"]["path"], tmp / "semantic_ids")
-    facts = data_facts(cfg, manifest, model)
+    query_encoder = write_queries(shards, manifest, model, tmp)
+    facts = data_facts(cfg, manifest, model, query_encoder)
     write_json(tmp / "config.json", facts)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record = dict(format=FORMAT, format_version=FORMAT_VERSION, created=created,
@@ -262,6 +296,20 @@ or serve it: `python -m serve --export DIR --port 8000`.
 ## Request format
 `POST /recommend {{"history": ["<raw item id>", ...], "timestamps": [<unix s>, ...], "k": 10}}`
 -> `{{"items": [{{"id": ..., "score": ..., "title": ...}}], "model": ..., "took_ms": ..., "warnings": [...]}}`.
-`program.pt2` inputs (torch.export, dynamic batch and history length): {', '.join(facts['program_inputs'])}:
-right-padded (B, N) int64 histories and lengths (B,) -> (B, {m['dim']}) unit-norm states.
+{search_card(facts)}`program.pt2` inputs (torch.export, dynamic batch and history length):
+{', '.join(facts['program_inputs'])}: right-padded (B, N) int64 histories and lengths (B,) -> (B, {m['dim']})
+unit-norm item-only states.
 """
+
+
+def search_card(facts: dict) -> str:
+    """The model card's /search paragraph (empty for a model without query tokens)."""
+    if not facts["num_queries"]:
+        return ""
+    enc = facts.get("query_encoder")
+    how = (f"unseen query strings are encoded on the fly by the text encoder `{enc['encoder']}` (sha256 "
+           f"{enc['encoder_sha256'][:12]}, max_length {enc['max_length']}); the server refuses another one"
+           if enc else "a query string outside `queries.json` has no representation (id-only queries): 422")
+    return (f"`POST /search {{\"query\": \"...\", \"history\": [...], \"k\": 10}}`: the history + one query token "
+            f"(query_repr `{facts['query_repr']}`, {facts['num_queries']:,} known queries in `queries.json`); {how}. "
+            "Search runs the eager model (program.pt2 encodes item-only histories).\n")

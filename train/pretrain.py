@@ -41,7 +41,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generative: bool = False,
-             task: str = "auto") -> dict:
+             task: str = "auto", keep_ranks: bool = False) -> dict:
     """Full-ranking metrics of the dot-product head, or (`generative`) of the semantic-ID beam search;
     `task` poses each target as recommendation, search, ... (data_pipeline.collate.example_to_tokens)."""
     batches = (b.to(dev) for b in make_loader(cfg.shards, split, _eval_loader(cfg), shuffle=False, task=task))
@@ -56,7 +56,8 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     dummy = lambda: dummy_batch(dev, seen=True)  # its ranks are discarded: any item will do
     out = evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
-                   unrankable=unrankable, slices=_query_slices(manifest, split))
+                   unrankable=unrankable, slices=_query_slices(manifest, split),
+                   num_users=manifest["vocab"]["num_users"] if keep_ranks else 0)
     out["task"] = task
     return out
 
@@ -77,7 +78,9 @@ def test_tasks(eng, cfg: PretrainConfig, manifest: dict, dev) -> dict:
     and query-only (no history); 'rec' also ranks every other test target. Empty without search data."""
     if not has_search_targets(manifest):
         return {}
-    out = {task: run_eval(eng, cfg, "test", manifest, dev, task=task) for task in ("rec", "search", "query_only")}
+    # per-target ranks kept for the search targets (bench/search.py's bootstrap intervals)
+    out = {task: run_eval(eng, cfg, "test", manifest, dev, task=task, keep_ranks=task != "rec")
+           for task in ("rec", "search", "query_only")}
     if cfg.model.generative_head:  # the generative head decodes from the query token's state too
         out["search_generative"] = run_eval(eng, cfg, "test", manifest, dev, generative=True, task="search")
     return out
