@@ -133,7 +133,8 @@ def table_rows(runs: dict[str, list[dict]], base: dict) -> list[dict]:
                                                                for s, k in SEARCH_COLS},
                             rec={k: [_slice(r, "all", k) for r in rec] for k in ("hr@10", "ndcg@10")},
                             ci=bootstrap_ci([t.get("ranks") for t in ts]), epochs=[m["best_epoch"] for m in ms],
-                            train_s=[m.get("train_seconds") for m in ms], flags=sorted({f for m in ms for f in m["flags"]})))
+                            train_s=[m.get("train_seconds") for m in ms],
+                            flags=sorted({f for m in ms for f in m["flags"]})))
     for name, m in base.items():
         out.append(dict(row=name, seeds=0, search={f"{s}/{k}": [_slice(m, s, k)] for s, k in SEARCH_COLS},
                         rec={"hr@10": [None], "ndcg@10": [None]}, ci=bootstrap_ci([m.get("ranks")]),
@@ -151,17 +152,20 @@ def checks(rows: list[dict]) -> list[dict]:
     by = {r["row"]: r for r in rows}
     get = lambda row, part, key: mean(by[row][part][key]) if row in by else None  # noqa: E731
     joint_s = get("joint (query text)", "search", "all/ndcg@10")
-    best_base = max([v for v in (get(b, "search", "all/ndcg@10") for b in BASELINES) if v is not None], default=None)
+    # the target names BM25 and dense retrieval; category popularity is reported, not a target
+    best_base = max([v for v in (get(b, "search", "all/ndcg@10") for b in ("bm25", "dense")) if v is not None],
+                    default=None)
     qonly = get("joint (query text): query-only (empty history)", "search", "all/ndcg@10")
     out = [
-        ("joint >= 2x the best of BM25 / dense / category popularity on search NDCG@10", joint_s, best_base,
+        ("joint >= 2x the better of BM25 / dense retrieval on search NDCG@10", joint_s, best_base,
          lambda a, b: a >= 2 * b),
         ("joint >= search-only on search NDCG@10", joint_s, get("search-only", "search", "all/ndcg@10"),
          lambda a, b: a >= b),
         ("joint >= rec-only on recommendation NDCG@10", get("joint (query text)", "rec", "ndcg@10"),
          get("rec-only", "rec", "ndcg@10"), lambda a, b: a >= b),
         ("joint (history + query) >= 1.2x query-only on search NDCG@10", joint_s, qonly, lambda a, b: a >= 1.2 * b),
-        ("unseen-query search NDCG@10: query text > query id", get("joint (query text)", "search", "unseen_query/ndcg@10"),
+        ("unseen-query search NDCG@10: query text > query id",
+         get("joint (query text)", "search", "unseen_query/ndcg@10"),
          get("joint (query id)", "search", "unseen_query/ndcg@10"), lambda a, b: a > b),
     ]
     return [dict(check=c, ours=a, other=b, met=None if a is None or b is None else bool(f(a, b)))

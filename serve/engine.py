@@ -9,6 +9,8 @@ batch's histories in one call and ranks each against the item index with that re
 exclusions, so batching never changes an answer (tests/test_serve.py checks batched == one-by-one).
 `MicroBatcher` collects concurrent requests for up to max_wait_ms (or max_batch requests) and runs them
 as one `run` call in a worker thread, so the event loop keeps accepting requests meanwhile.
+/search (serve/search.py) reuses `prepare_events` (the history checks and repairs) and `rank` (top-k
+from states), with its own eager forward pass: `encoder` ('program', 'aoti') applies to /recommend only.
 """
 from __future__ import annotations
 

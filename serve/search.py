@@ -96,6 +96,8 @@ class SearchPrepared:
 
 class Searcher:
     def __init__(self, rec: Recommender, encoder: QueryEncoder | None, max_query_chars: int = 512):
+        if max_query_chars < 1:
+            raise ValueError(f"serve max_query_chars must be >= 1, got {max_query_chars}")
         self.rec, self.exp, self.encoder, self.max_chars = rec, rec.exp, encoder, max_query_chars
         self.text = getattr(self.exp.model.embed, "query_text", None)  # (Q+1, H) or None (id-only queries)
         if self.text is not None and encoder is None:

@@ -122,8 +122,9 @@ def test_metrics_have_the_models_keys_and_count_the_query_slices(text_shards):
     m = sb.bm25_metrics(text_shards, LOADER, EvalConfig(ks=[1, 2], batch_size=2, item_chunk=4))
     assert load_manifest(text_shards)["counts"]["search"]["unseen_test_queries"] == [2, 3, 4]
     assert set(m) == {"count", "hr@1", "hr@2", "ndcg@1", "ndcg@2", "mrr", "per_domain", "nonfinite_states",
-                      "exclude_history", "per_slice", "task"}
+                      "exclude_history", "per_slice", "task", "ranks"}
     assert (m["count"], m["exclude_history"], m["task"]) == (5, "full", "search")
+    assert sorted(r for r in m["ranks"] if r) == [1, 1, 1, 2, 4]  # one per search target, by user
     # ranks 1, 2, 1, 4 (unseen queries) and 1 (face cream, seen in training)
     assert m["hr@1"] == pytest.approx(3 / 5) and m["mrr"] == pytest.approx((1 + 1 / 2 + 1 + 1 / 4 + 1) / 5)
     assert m["per_domain"]["beauty"]["count"] == 5

@@ -57,7 +57,8 @@ def search_metrics(shard_dir, score: Scorer, loader: LoaderConfig = LoaderConfig
     unseen = torch.tensor(manifest["counts"]["search"]["unseen_test_queries"], dtype=torch.long)
     # evaluate toggles a model's train/eval mode and hands it to the ranker; a baseline has no model
     out = evaluate(nn.Module(), batches, cfg, n, manifest["id_maps"]["domains"],
-                   cold=torch.from_numpy(cold_items(manifest)), ranker=ranker, slices=QuerySlices(unseen))
+                   cold=torch.from_numpy(cold_items(manifest)), ranker=ranker, slices=QuerySlices(unseen),
+                   num_users=manifest["vocab"]["num_users"])  # per-target ranks: bench/search.py's intervals
     out["task"] = "search"
     return out
 
