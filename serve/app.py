@@ -184,9 +184,10 @@ def make_app(rec: Recommender, cfg: ServeConfig, searcher: Searcher | None = Non
     async def lifespan(app):
         batcher.start()
         first = int(exp.popular[0]) if len(exp.popular) else 1
-        await batcher.submit(rec.prepare([exp.items[first - 1]["item_id"]], k=1))  # first call compiles/warms
+        history = [exp.items[first - 1]["item_id"]]
+        await batcher.submit(rec.prepare(history, k=1))  # first call compiles/warms
         if searcher is not None:  # the eager model and (for a text model) the encoder's first call
-            await batcher.submit(searcher.prepare("warm-up" if searcher.encoder else exp.queries[1], k=1))
+            await batcher.submit(searcher.prepare("warm-up" if searcher.encoder else exp.queries[1], history, k=1))
         state["ready"] = True
         yield
         state["ready"] = False
