@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # the synthetic world -> shards -> 2-rank DeepSpeed pretraining on CPU -> test metrics next to popularity
-# -> export -> the HTTP server answers one /recommend request
+# -> export -> the HTTP server answers one /recommend and one /search request (query text: MiniLM vectors)
 demo: $(STAMP)
 	$(BIN)/python -m data_pipeline synthetic --out runs/demo/shards --overwrite --quiet
+	$(BIN)/python -m data_pipeline content --shards runs/demo/shards --set semantic_ids.method=rq_kmeans --quiet
 	rm -rf runs/demo/pretrain
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH $(BIN)/deepspeed --num_gpus 2 --master_port $$($(BIN)/python -c 'import socket; s=socket.socket(); s.bind(("",0)); print(s.getsockname()[1])') \
 		--module train pretrain --config configs/pretrain/demo.yaml

@@ -1,6 +1,8 @@
 """`python -m serve.demo --export DIR`: the end of `make demo`. Starts `python -m serve` on a free
 loopback port, sends one POST /recommend (a history of the export's most-trained items of one domain,
-an hour apart), prints the request and the answer, and stops the server. Standard library only."""
+an hour apart) and, when the model has query tokens, one POST /search (the same history + a query made of
+two words of another item's title), prints requests and answers, and stops the server. Standard library
+only."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +33,15 @@ def demo_request(export: Path) -> dict:
     return dict(history=[r["item_id"] for r in top], timestamps=[now - 3600 * (5 - i) for i in range(5)], k=5)
 
 
+def demo_search(export: Path, body: dict) -> dict | None:
+    """The /recommend body + a query from the title of the first item outside it (None: no query tokens)."""
+    if not (export / "queries.json").exists():
+        return None
+    with gzip.open(export / "items.jsonl.gz", "rt") as f:
+        other = next(r for r in map(json.loads, f) if r["servable"] and r["item_id"] not in body["history"])
+    return dict(body, query=" ".join(other["title"].lower().split()[:2]))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m serve.demo", description=__doc__)
     p.add_argument("--export", required=True, help="export folder (python -m train export --out ...)")
@@ -53,6 +64,10 @@ def main(argv=None) -> int:
         body = demo_request(Path(args.export))
         print(f"POST {url}/recommend\n{json.dumps(body)}")
         print(json.dumps(_get(url + "/recommend", body), indent=2))
+        search = demo_search(Path(args.export), body)
+        if search is not None:
+            print(f"POST {url}/search\n{json.dumps(search)}")
+            print(json.dumps(_get(url + "/search", search), indent=2))
     finally:
         server.terminate()
         server.wait(timeout=30)

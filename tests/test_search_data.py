@@ -267,3 +267,24 @@ def test_training_on_the_synthetic_world_learns_search_from_query_text(tmp_path)
     assert tasks["search"]["ndcg@10"] > 0.9 * tasks["query_only"]["ndcg@10"], tasks
     ranks = np.array(tasks["search"]["ranks"])
     assert (ranks != 0).sum() == tasks["search"]["count"]
+
+
+def test_a_query_tokens_state_never_sees_the_item_clicked_for_it():
+    """Causality in a training sequence: changing the item clicked after a query token (and everything
+    after it) leaves the query token's state unchanged, so the search loss cannot peek at its answer."""
+    from configs.schema import ModelConfig
+    from model.seqrec import SeqRecModel
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(dim=8, num_heads=2, input_dropout=0.0, linear_dropout=0.0,
+                                    attention_backend="ref"), num_items=9, num_queries=3, max_len=16).eval()
+
+    def query_state(clicked: int, later: int):
+        # event 2 is a search for query 2: tokens 1, 2, [q2], clicked, later
+        ex = _example([1, 2, clicked, later], [0, 0, 2, 0], target_item=0, target_query=0)
+        tok = example_to_tokens({**ex, "target": None}, True, 16)
+        q_pos = int(np.flatnonzero(tok["token_types"] == TOKEN_QUERY)[0])
+        assert q_pos == 2 and tok["item_ids"][q_pos + 1] == clicked and tok["targets"][q_pos] == clicked
+        with torch.no_grad():
+            return model(collate([tok]))[q_pos]
+    torch.testing.assert_close(query_state(3, 4), query_state(7, 9))
+    assert not torch.allclose(query_state(3, 4), query_state(3, 4) * 0)  # a real state, not zeros
