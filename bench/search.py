@@ -97,6 +97,11 @@ def _cell(vals: list) -> str:
     return "-" if ms is None else f"{ms['mean']:.4f} ± {ms['sd']:.4f}" if len(vals) > 1 else f"{ms['mean']:.4f}"
 
 
+def _seconds(vals: list) -> str:
+    ms = S.mean_sd(vals) if vals else None
+    return "-" if ms is None else f"{ms['mean']:.0f}"
+
+
 def ndcg10(ranks: np.ndarray) -> np.ndarray:
     """Per-target NDCG@10 from ranks (-1 = miss)."""
     r = ranks.astype(np.float64)
@@ -180,14 +185,14 @@ def write(short: str, dataset: str, command: str, rows: list[dict], manifest: di
                                                                   "unseen_test_queries": None}), indent=1) + "\n")
     lines = header(f"{dataset}: one model for search and recommendation", meta)
     lines += ["| row | seeds | search HR@10 | search NDCG@10 | NDCG@10 seen query | NDCG@10 unseen query | "
-              "search NDCG@10 95% CI | rec HR@10 | rec NDCG@10 | best epochs | train s | flags |",
+              "search NDCG@10 95% CI | rec HR@10 | rec NDCG@10 | best epochs | train s (mean) | flags |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = "-" if r["ci"] is None else f"[{r['ci'][0]:.4f}, {r['ci'][1]:.4f}]"
         cells = [_cell(r["search"][f"{s}/{k}"]) for s, k in SEARCH_COLS] + [ci] + \
                 [_cell(r["rec"][k]) for k in ("hr@10", "ndcg@10")]
         lines.append(f"| {r['row']} | {r['seeds'] or '-'} | " + " | ".join(cells) +
-                     f" | {r['epochs'] or '-'} | {_cell(r['train_s']) if r['train_s'] else '-'} | "
+                     f" | {r['epochs'] or '-'} | {_seconds(r['train_s'])} | "
                      f"{', '.join(r['flags']) or '-'} |")
     lines += ["", "Checks (means over seeds):", "", "| target | ours | other | met |", "|---|---|---|---|"]
     for c in checks(rows):
