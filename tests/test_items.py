@@ -113,7 +113,13 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     assert dot["ndcg@10"] > pop["ndcg@10"] + 0.03 and dot["hr@10"] > pop["hr@10"] + 0.04, (dot, pop)
     num_items = load_manifest(world)["vocab"]["num_items"]
     assert gen["hr@10"] > 2 * 10 / (num_items - 40), gen
-    assert set(dot["per_slice"]) == {"warm", "cold", "warm_among_warm"} and dot["per_slice"]["cold"]["count"] > 0
+    # the world has searches: the query slices come with the cold ones
+    assert set(dot["per_slice"]) == {"warm", "cold", "warm_among_warm", "seen_query", "unseen_query"}
+    assert dot["per_slice"]["cold"]["count"] > 0
+    # the generative head decodes from the query token's state on the search targets too
+    tasks = metrics["test_tasks"]
+    assert set(tasks) == {"rec", "search", "query_only", "search_generative"}
+    assert tasks["search_generative"]["count"] == tasks["search"]["count"] > 0
     assert dot["per_slice"]["cold"]["count"] == load_manifest(world)["counts"]["cold"]["test_targets"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["item_repr"] == "id+sid+content"
     assert dataclasses.is_dataclass(load_config(PretrainConfig, tmp_path / "config.json"))
