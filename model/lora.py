@@ -1,0 +1,117 @@
+"""MLoRA (Yang et al., RecSys 2024): per-domain low-rank adapters on one shared dense layer.
+
+    y = W x + b + scale * B_d (A_d dropout(x))        d = the domain of x's row (each token: its sequence's)
+
+A_d (in x r), B_d (r x out) per domain, B zero-initialised: an untrained adapter changes nothing. Rows of
+different domains share one call: the adapter products are grouped by domain (one matmul pair per domain
+present in the batch, never a backbone pass per domain), so a batch may mix domains in training and in
+serving. `merged_weight(d)` folds domain d's adapter into W for a single-domain export.
+
+Status (issue 15, first part): the layer, its swap into named nn.Linear modules, per-domain adapter
+state and merging, with tests (tests/test_lora.py). Not yet wired into the HSTU/SASRec blocks, training,
+export or serving.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+
+
+def lora_rank(in_features: int, alpha: int, rank: int = 0) -> int:
+    """MLoRA's rank r = width / alpha (at least 1), or `rank` when it is given (> 0)."""
+    if rank > 0:
+        return rank
+    if alpha < 1:
+        raise ValueError(f"adapter alpha must be >= 1, got {alpha}")
+    return max(1, in_features // alpha)
+
+
+class DomainLoRALinear(nn.Module):
+    """A frozen-or-not nn.Linear `base` + one low-rank adapter per domain; forward(x (N, in), domains (N,))."""
+
+    def __init__(self, base: nn.Linear, num_domains: int, rank: int, scale: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        if num_domains < 1 or rank < 1:
+            raise ValueError(f"need num_domains >= 1 and rank >= 1, got {num_domains} and {rank}")
+        self.base, self.num_domains, self.rank, self.scale = base, num_domains, rank, float(scale)
+        self.A = nn.Parameter(torch.empty(num_domains, base.in_features, rank))  # (Dm, in, r)
+        self.B = nn.Parameter(torch.zeros(num_domains, rank, base.out_features))  # (Dm, r, out): zero = no change
+        nn.init.normal_(self.A, std=1.0 / math.sqrt(base.in_features))  # LoRA's A init scale
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (..., out)
+        flat, dom = x.reshape(-1, x.shape[-1]), domains.reshape(-1)  # (N, in), (N,)
+        if dom.numel() != flat.shape[0]:
+            raise ValueError(f"domains has {dom.numel()} entries for {flat.shape[0]} rows")
+        h = self.dropout(flat)
+        delta = torch.zeros(flat.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)  # (N, out)
+        for d in torch.unique(dom).tolist():  # domains present, a handful: one (n_d, in) x (in, r) x (r, out) each
+            if not 0 <= d < self.num_domains:
+                raise ValueError(f"domain id {d} outside 0..{self.num_domains - 1}")
+            rows = (dom == d).nonzero().squeeze(1)
+            delta = delta.index_add(0, rows, (h[rows] @ self.A[d]) @ self.B[d])
+        return y + self.scale * delta.view(y.shape)
+
+    def merged_weight(self, domain: int) -> torch.Tensor:
+        """W + scale * (A_d B_d)^T (out, in): nn.Linear's layout, so y = x W'^T + b equals forward for d."""
+        return self.base.weight + self.scale * (self.A[domain] @ self.B[domain]).T
+
+    def merged_linear(self, domain: int) -> nn.Linear:
+        lin = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.merged_weight(domain))
+            if self.base.bias is not None:
+                lin.bias.copy_(self.base.bias)
+        return lin.to(self.base.weight.device, self.base.weight.dtype)
+
+
+def add_domain_adapters(model: nn.Module, patterns: list[str], num_domains: int, alpha: int = 16,
+                        rank: int = 0, scale: float = 1.0, dropout: float = 0.0) -> list[str]:
+    """Replace every nn.Linear whose qualified name matches one of `patterns` (regular expressions, full
+    match) by a DomainLoRALinear around it; returns the replaced names. A pattern that matches nothing is
+    an error (a misspelt layer name would otherwise train no adapter at all)."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [n for n, _ in linears if any(re.fullmatch(p, n) for p in patterns)]
+    unmatched = [p for p in patterns if not any(re.fullmatch(p, n) for n, _ in linears)]
+    if unmatched:
+        raise ValueError(f"adapter patterns {unmatched} match no nn.Linear; linear layers: {[n for n, _ in linears]}")
+    for name in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        setattr(parent, child, DomainLoRALinear(base, num_domains, lora_rank(base.in_features, alpha, rank),
+                                                scale, dropout))
+    return chosen
+
+
+def adapter_layers(model: nn.Module) -> dict[str, DomainLoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, DomainLoRALinear)}
+
+
+def domain_adapter_state(model: nn.Module, domain: int) -> dict[str, torch.Tensor]:
+    """One domain's factors alone ({name.A: (in, r), name.B: (r, out)}): what adapters/<domain>.safetensors holds."""
+    out = {}
+    for name, layer in adapter_layers(model).items():
+        out[f"{name}.A"] = layer.A[domain].detach().clone()
+        out[f"{name}.B"] = layer.B[domain].detach().clone()
+    return out
+
+
+def load_domain_adapter(model: nn.Module, domain: int, state: dict[str, torch.Tensor]) -> None:
+    """Write one domain's factors into the model; every adapter layer must be present with its shapes."""
+    layers = adapter_layers(model)
+    want = {f"{n}.{p}" for n in layers for p in ("A", "B")}
+    if set(state) != want:
+        raise ValueError(f"adapter state keys differ: missing {sorted(want - set(state))}, "
+                         f"unexpected {sorted(set(state) - want)}")
+    with torch.no_grad():
+        for name, layer in layers.items():
+            for p in ("A", "B"):
+                t, dst = state[f"{name}.{p}"], getattr(layer, p)[domain]
+                if t.shape != dst.shape:
+                    raise ValueError(f"{name}.{p}: shape {tuple(t.shape)}, the model has {tuple(dst.shape)}")
+                dst.copy_(t)
