@@ -51,15 +51,21 @@ def item_queries(ds: Dataset) -> dict[str, list[str]]:
     return out
 
 
-def _test_target_mask(user_id: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
-    """(E,) True on each user's test target: the last event in the shards' order (time, ties in file
-    order) of a user with enough events to be evaluated (a shorter user's events are all training)."""
-    users = user_id.astype(str)
-    order = np.lexsort((timestamp, users))  # the order write_shards sorts into (stable)
+def _user_spans(ev: Events) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order (E,), starts (U,), ends (U,)): events in the shards' order (user, then time, ties in file
+    order: the stable sort write_shards uses), user u's events being order[starts[u]:ends[u]]."""
+    users = ev.user_id.astype(str)
+    order = np.lexsort((ev.timestamp, users))
     u = users[order]
     starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
-    ends = np.r_[starts[1:], len(u)]
-    last = np.zeros(len(users), dtype=bool)
+    return order, starts, np.r_[starts[1:], len(u)]
+
+
+def _test_target_mask(ev: Events) -> np.ndarray:
+    """(E,) True on each user's test target: the last event in the shards' order of a user with enough
+    events to be evaluated (a shorter user's events are all training)."""
+    order, starts, ends = _user_spans(ev)
+    last = np.zeros(len(ev), dtype=bool)
     last[order[(ends - 1)[ends - starts >= MIN_EVENTS_FOR_EVAL]]] = True
     return last
 
@@ -86,7 +92,7 @@ def category_search_events(ds: Dataset, cfg: SearchDataConfig) -> Dataset:
         query[e] = qs[int(pick[e] * len(qs))]
     distinct = sorted({q for q in query.tolist() if q})
     heldout = set(rng.permutation(distinct)[:round(cfg.heldout_query_frac * len(distinct))].tolist())
-    is_last = _test_target_mask(ev.user_id, ev.timestamp)
+    is_last = _test_target_mask(ev)
     dropped = np.fromiter((q in heldout for q in query), dtype=bool, count=n) & ~is_last
     query[dropped] = ""  # a held-out query outside a test target: the event stays, as a recommendation
     is_search = query != ""
@@ -107,12 +113,9 @@ def last_search_test(ds: Dataset) -> Dataset:
     """Cut each user who has a search event after their last one, so it is their test target (the events
     after it would be later than the test target: they leave the data, and the count goes into a note)."""
     ev = ds.events
-    users = ev.user_id.astype(str)
-    order = np.lexsort((ev.timestamp, users))
-    u, is_search = users[order], (ev.query != "")[order]
+    order, starts, ends = _user_spans(ev)
+    is_search = (ev.query != "")[order]
     keep = np.ones(len(ev), dtype=bool)
-    starts = np.flatnonzero(np.r_[True, u[1:] != u[:-1]])
-    ends = np.r_[starts[1:], len(u)]
     searchers = 0
     for s, e in zip(starts.tolist(), ends.tolist()):
         hits = np.flatnonzero(is_search[s:e])

@@ -79,24 +79,34 @@ def tiny_shards(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_run(tiny_shards, tmp_path_factory):
-    """2 epochs of single-process ZeRO-0 pretraining (in this process, ~10 s)."""
+def _tiny_pretrain(shards, folder, extra: list[str] = ()):
+    """2 epochs of single-process ZeRO-0 pretraining of TINY_RUN on `shards` (in this process) -> run dir."""
     from configs.load import load_config
     from configs.schema import PretrainConfig
     from train.pretrain import main
-    run = tmp_path_factory.mktemp("tiny_run") / "run"
-    main(load_config(PretrainConfig, None, TINY_RUN + [f"shards={tiny_shards}", f"run_dir={run}", "train.epochs=2"]))
+    run = folder / "run"
+    main(load_config(PretrainConfig, None, TINY_RUN + [f"shards={shards}", f"run_dir={run}", "train.epochs=2",
+                                                       *extra]))
     return run
+
+
+def _export(run, folder):
+    """`python -m train export` of `run` (in process) -> folder/export."""
+    from train.export import main as export
+    export(run, folder / "export", command="test fixture")
+    return folder / "export"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_shards, tmp_path_factory):
+    """2 epochs of single-process ZeRO-0 pretraining (in this process, ~10 s)."""
+    return _tiny_pretrain(tiny_shards, tmp_path_factory.mktemp("tiny_run"))
 
 
 @pytest.fixture(scope="session")
 def tiny_export(tiny_run, tmp_path_factory):
     """`python -m train export` of tiny_run (in process); tests must not modify it (copy it first)."""
-    from train.export import main as export
-    out = tmp_path_factory.mktemp("tiny_export") / "export"
-    export(tiny_run, out, command="test fixture")
-    return out
+    return _export(tiny_run, tmp_path_factory.mktemp("tiny_export"))
 
 
 # ---- the same tiny world with searches, a query_repr=text run and its export (tests/test_serve_search.py) --
@@ -120,19 +130,10 @@ def tiny_search_shards(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_search_run(tiny_search_shards, tmp_path_factory):
     """2 epochs of pretraining with query tokens embedded from their text (model.query_repr=text)."""
-    from configs.load import load_config
-    from configs.schema import PretrainConfig
-    from train.pretrain import main
-    run = tmp_path_factory.mktemp("tiny_search_run") / "run"
-    main(load_config(PretrainConfig, None, TINY_RUN + [f"shards={tiny_search_shards}", f"run_dir={run}",
-                                                       "train.epochs=2", "model.query_repr=text"]))
-    return run
+    return _tiny_pretrain(tiny_search_shards, tmp_path_factory.mktemp("tiny_search_run"), ["model.query_repr=text"])
 
 
 @pytest.fixture(scope="session")
 def tiny_search_export(tiny_search_run, tmp_path_factory):
     """`python -m train export` of tiny_search_run; tests must not modify it (copy it first)."""
-    from train.export import main as export
-    out = tmp_path_factory.mktemp("tiny_search_export") / "export"
-    export(tiny_search_run, out, command="test fixture")
-    return out
+    return _export(tiny_search_run, tmp_path_factory.mktemp("tiny_search_export"))
