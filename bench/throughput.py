@@ -153,8 +153,11 @@ def summarize_epochs(epochs: list[dict]) -> dict:
                                eval_seconds=e.get("eval_seconds"), wall_seconds=e.get("wall_seconds"))
                           for e, t in zip(epochs, tokens)])
     if "wall_seconds" not in missing and "eval_seconds" not in missing:
-        val = [e["wall_seconds"] for e in epochs if e["eval_seconds"] > 0]
-        noval = [e["wall_seconds"] for e in epochs if e["eval_seconds"] == 0]
+        # validated = the epoch line carries its validation metrics (pretrain logs them under the split's
+        # name); eval_seconds > 0 is not a test of it: rounded to 0.01 s, a tiny validation reads 0.0
+        validated = [bool(e.get("valid") or e.get("test")) or e["eval_seconds"] > 0 for e in epochs]
+        val = [e["wall_seconds"] for e, v in zip(epochs, validated) if v]
+        noval = [e["wall_seconds"] for e, v in zip(epochs, validated) if not v]
         out.update(eval_seconds=round(sum(e["eval_seconds"] for e in epochs), 2),
                    wall_seconds=round(sum(e["wall_seconds"] for e in epochs), 2),
                    epoch_wall_validated=round(sum(val) / len(val), 2) if val else None,
