@@ -219,7 +219,8 @@ class ModelConfig:
                                  "attention_backend": ("auto", "ref", "triton"),
                                  "item_repr": ("id", "sid", "id+sid", "id+sid+content"),
                                  "query_repr": ("id", "text", "id+text"),
-                                 "query_text_proj": ("own", "item_content")}
+                                 "query_text_proj": ("own", "item_content"),
+                                 "adapters": ("none", "mlora")}
 
     arch: str = "hstu"
     """Encoder: 'hstu' (pointwise SiLU attention + relative bias) or 'sasrec' (softmax attention + FFN)."""
@@ -275,6 +276,25 @@ class ModelConfig:
     generative_head: bool = False
     """Add a head that predicts the next item's semantic-ID tuple level by level (trained with
     loss.generative_weight, decoded by trie-constrained beam search); needs semantic_ids/."""
+    adapters: str = "none"
+    """Per-domain adapters on the blocks' dense layers: 'none' or 'mlora' (Yang et al. 2024: every chosen
+    layer becomes W x + scale * B_d A_d x, d = the domain of the token's sequence, i.e. of the event it
+    predicts; B zero-initialised). The shard set's manifest gives the domains (vocab.num_domains)."""
+    adapter_alpha: int = 16
+    """MLoRA's rank rule: r = layer input width // adapter_alpha (at least 1); D = 50 -> r = 3."""
+    adapter_rank: int = 0
+    """A fixed rank for every adapter instead of the alpha rule (0 = use adapter_alpha)."""
+    adapter_scale: float = 1.0
+    """Multiplier of the adapter product B_d A_d x."""
+    adapter_dropout: float = 0.0
+    """Dropout on the adapter's input (the LoRA path only; the shared W sees the undropped input)."""
+    adapter_targets: list[str] = field(default_factory=list)
+    """Which layers of each block get adapters, by name inside the block ('uvqk', 'out' on HSTU; 'qkv',
+    'proj', 'ffn.0', 'ffn.3' on SASRec); empty = every dense layer of the blocks (all after the embeddings).
+    A name that matches no layer is an error."""
+    domain_embedding: bool = False
+    """Add a learned per-domain vector (zero-initialised) to every token's input, the domain being the
+    sequence's: the cheap multi-domain baseline that MLoRA is compared with."""
 
 
 @dataclass

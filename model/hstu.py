@@ -22,6 +22,7 @@ from kernels.hstu_attention import (
     hstu_attention_last,
     hstu_attention_padded,
 )
+from model.lora import dense
 
 
 class HSTUBlock(nn.Module):
@@ -56,21 +57,22 @@ class HSTUBlock(nn.Module):
                               ts_q=next_ts, ts_k=ts, time_bucket_div=self.cfg.time_bucket_div,
                               norm_by_length=self.cfg.norm_by_length)
 
-    def _project(self, x: torch.Tensor):
-        """x (..., D) -> u, v, q, k (..., D) each."""
+    def _project(self, x: torch.Tensor, dom: torch.Tensor | None, gathered: bool = False):
+        """x (..., D), dom (...) row domains (None without adapters) -> u, v, q, k (..., D) each."""
         D = x.shape[-1]
         if self.research:
-            return F.silu(self.uvqk(F.layer_norm(x, (D,), eps=1e-6))).split(D, dim=-1)
-        u, v, q, k = self.uvqk(self.norm_in(x)).split(D, dim=-1)
+            return F.silu(dense(self.uvqk, F.layer_norm(x, (D,), eps=1e-6), dom, gathered)).split(D, dim=-1)
+        u, v, q, k = dense(self.uvqk, self.norm_in(x), dom, gathered).split(D, dim=-1)
         return F.silu(u), v, q, k
 
-    def _output(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """Residual + W_o(dropout(gated attention)); x, u, attn (..., D)."""
+    def _output(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor, dom: torch.Tensor | None,
+                gathered: bool = False) -> torch.Tensor:
+        """Residual + W_o(dropout(gated attention)); x, u, attn (..., D), dom (...)."""
         if self.research:
             o = u * F.layer_norm(attn, (attn.shape[-1],), eps=1e-6)
         else:
             o = torch.cat([u, attn, u * self.norm_attn(attn)], dim=-1)  # (..., 3D)
-        return x + self.out(self.dropout(o))
+        return x + dense(self.out, self.dropout(o), dom, gathered)
 
     def _attention_kw(self) -> dict:
         return dict(alpha=1.0 if self.research else 1.0 / math.sqrt(self.d), norm_const=self.norm_const,
@@ -78,33 +80,38 @@ class HSTUBlock(nn.Module):
                     time_bucket_div=self.cfg.time_bucket_div)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
-                max_len: int, plan: AttentionPlan | None = None, last_only: bool = False) -> torch.Tensor:
+                max_len: int, plan: AttentionPlan | None = None, last_only: bool = False,
+                domains: torch.Tensor | None = None) -> torch.Tensor:
         """x (L, D) -> (L, D); with `last_only`, (B, D): only each sequence's last token's output (a final
-        layer at evaluation: keys and values still come from every token, queries from the last ones)."""
+        layer at evaluation: keys and values still come from every token, queries from the last ones).
+        domains (L,): each token's domain, read by adapted layers (None without adapters)."""
         L, D = x.shape
-        u, v, q, k = self._project(x)
+        u, v, q, k = self._project(x, domains)
         kw = dict(backend=self.cfg.attention_backend, max_len=max_len, ts_q=next_ts, ts_k=ts, **self._attention_kw())
         shape = (L, self.H, self.d)
         if last_only:
             last = offsets[1:] - 1
             attn = hstu_attention_last(q.reshape(shape), k.reshape(shape), v.reshape(shape), offsets, **kw)
             x, u, attn = x[last], u[last], attn.reshape(-1, D)  # (B, D)
+            domains = None if domains is None else domains[last]
         else:
             attn = hstu_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), offsets, plan=plan,
                                   **kw).reshape(L, D)  # (L, D)
-        return self._output(x, u, attn)
+        return self._output(x, u, attn, domains)
 
     def forward_padded(self, x: torch.Tensor, lengths: torch.Tensor, ts: torch.Tensor, next_ts: torch.Tensor,
-                       last_only: bool = False) -> torch.Tensor:
+                       last_only: bool = False, domains: torch.Tensor | None = None) -> torch.Tensor:
         """The same layer on right-padded input, free of data-dependent shapes (torch.export): x (B, N, D),
         lengths (B,) >= 1, ts / next_ts (B, N) -> (B, N, D), or (B, D) with `last_only`. Rows past a
-        sequence's length are computed but never read by a valid row (keys past the length are masked)."""
+        sequence's length are computed but never read by a valid row (keys past the length are masked).
+        domains (B,): each sequence's domain for adapted layers (gathered form: no data-dependent shapes)."""
         B, N, D = x.shape
-        u, v, q, k = self._project(x)
+        dom = None if domains is None else domains[:, None].expand(B, N)  # (B, N)
+        u, v, q, k = self._project(x, dom, gathered=True)
         shape = (B, N, self.H, self.d)
         attn = hstu_attention_padded(q.reshape(shape), k.reshape(shape), v.reshape(shape), lengths,
                                      ts_q=next_ts, ts_k=ts, last_only=last_only, **self._attention_kw())
         if last_only:
             last = (lengths - 1)[:, None, None].expand(B, 1, D)
-            x, u = x.gather(1, last)[:, 0], u.gather(1, last)[:, 0]  # (B, D)
-        return self._output(x, u, attn.reshape(*x.shape[:-1], D))
+            x, u, dom = x.gather(1, last)[:, 0], u.gather(1, last)[:, 0], domains  # (B, D), (B,)
+        return self._output(x, u, attn.reshape(*x.shape[:-1], D), dom, gathered=True)

@@ -7,9 +7,10 @@ different domains share one call: the adapter products are grouped by domain (on
 present in the batch, never a backbone pass per domain), so a batch may mix domains in training and in
 serving. `merged_weight(d)` folds domain d's adapter into W for a single-domain export.
 
-Status (issue 15, first part): the layer, its swap into named nn.Linear modules, per-domain adapter
-state and merging, with tests (tests/test_lora.py). Not yet wired into the HSTU/SASRec blocks, training,
-export or serving.
+Two evaluation orders of the same sum: `grouped` (the default; one matmul pair per domain present,
+~no memory beyond the (N, out) result) and `gathered` (A[d], B[d] gathered per row and one batched matmul:
+no data-dependent shapes, so torch.export can trace it; (N, in + out, r) extra memory, fine for serving's
+micro-batches, not for training batches).
 """
 from __future__ import annotations
 
@@ -42,12 +43,16 @@ class DomainLoRALinear(nn.Module):
         nn.init.normal_(self.A, std=1.0 / math.sqrt(base.in_features))  # LoRA's A init scale
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, domains: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, domains: torch.Tensor, gathered: bool = False) -> torch.Tensor:
+        """x (..., in), domains (...) with one domain id per row of x -> (..., out)."""
         y = self.base(x)  # (..., out)
         flat, dom = x.reshape(-1, x.shape[-1]), domains.reshape(-1)  # (N, in), (N,)
         if dom.numel() != flat.shape[0]:
             raise ValueError(f"domains has {dom.numel()} entries for {flat.shape[0]} rows")
         h = self.dropout(flat)
+        if gathered:  # (N, in) x (N, in, r) -> (N, r) x (N, r, out) -> (N, out); an out-of-range id fails the gather
+            delta = torch.bmm(torch.bmm(h[:, None], self.A[dom]), self.B[dom])[:, 0]
+            return y + self.scale * delta.view(y.shape)
         delta = torch.zeros(flat.shape[0], y.shape[-1], dtype=y.dtype, device=y.device)  # (N, out)
         for d in torch.unique(dom).tolist():  # domains present, a handful: one (n_d, in) x (in, r) x (r, out) each
             if not 0 <= d < self.num_domains:
@@ -67,6 +72,15 @@ class DomainLoRALinear(nn.Module):
             if self.base.bias is not None:
                 lin.bias.copy_(self.base.bias)
         return lin.to(self.base.weight.device, self.base.weight.dtype)
+
+
+def dense(layer: nn.Module, x: torch.Tensor, domains: torch.Tensor | None, gathered: bool = False) -> torch.Tensor:
+    """Apply a block's dense layer: an adapted one with the rows' domains, a plain nn.Linear as it is."""
+    if isinstance(layer, DomainLoRALinear):
+        if domains is None:
+            raise ValueError("this model has per-domain adapters: pass the domain of every sequence")
+        return layer(x, domains, gathered)
+    return layer(x)
 
 
 def add_domain_adapters(model: nn.Module, patterns: list[str], num_domains: int, alpha: int = 16,
@@ -115,3 +129,22 @@ def load_domain_adapter(model: nn.Module, domain: int, state: dict[str, torch.Te
                 if t.shape != dst.shape:
                     raise ValueError(f"{name}.{p}: shape {tuple(t.shape)}, the model has {tuple(dst.shape)}")
                 dst.copy_(t)
+
+
+def merged_state(model: nn.Module, domain: int) -> dict[str, torch.Tensor]:
+    """The model's state with domain `domain`'s adapters folded into W: each adapted layer's
+    `<name>.base.weight/bias` become `<name>.weight/bias` (W + scale (A_d B_d)^T) and its A, B go. Loads into
+    the same model built with model.adapters='none': a single-domain model, one matmul per layer again."""
+    layers = adapter_layers(model)
+    out = {}
+    for key, t in model.state_dict().items():
+        name, _, leaf = key.rpartition(".")
+        if name in layers:
+            continue  # A, B
+        owner, _, part = name.rpartition(".")
+        if part == "base" and owner in layers:
+            merged = layers[owner].merged_weight(domain) if leaf == "weight" else t
+            out[f"{owner}.{leaf}"] = merged.detach().clone()
+        else:
+            out[key] = t
+    return out
