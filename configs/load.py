@@ -114,13 +114,14 @@ def _set_dotted(tree: dict, dotted: str, value):
     node[leaf] = value
 
 
-def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple = ()):
-    """Defaults of `cls`, then the YAML file at `path`, then `section.key=value` overrides, in order.
+def load_config(cls, path: str | Path | None = None, overrides: list[str] | tuple = (), start=None):
+    """Defaults of `cls` (or the config `start`, e.g. a saved run's), then the YAML file at `path`, then
+    `section.key=value` overrides, in order.
 
     Override values are parsed as YAML, so `train.lr=3e-4`, `data.domains=[a,b]`, `x.flag=true` work.
     A missing file or a YAML syntax error is a ConfigError too.
     """
-    tree = dataclasses.asdict(cls())
+    tree = dataclasses.asdict(cls() if start is None else start)
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file {path} not found")

@@ -193,10 +193,19 @@ class SearchDataConfig:
 class PrepareConfig:
     """`python -m data_pipeline prepare`: raw data -> shards."""
 
+    CHOICES: ClassVar[dict] = {"domain_by": ("source", "age", "gender")}
+
     dataset: str = "synthetic"
     """Source format: synthetic, ml-1m, ml-100k, ml-latest-small, amazon-<category> (e.g. amazon-beauty)."""
     raw: str = ""
     """Folder with the raw files (not needed for synthetic)."""
+    also: list[str] = field(default_factory=list)
+    """More sources merged into this shard set, each 'dataset=raw_folder' (e.g.
+    'amazon-sports=../shared/data/amazon-sports'): one item space, users with the same raw id are one user
+    (Beauty and Sports share 1,625 reviewerIDs) and their events interleave by timestamp."""
+    domain_by: str = "source"
+    """What an event's domain is: 'source' = each source's own domain names (amazon-beauty -> 'beauty');
+    'age' / 'gender' = the user's ML-1M group from users.dat in `raw` (MLoRA's MovieLens setup; ml-1m only)."""
     out: str = "shards/synthetic"
     """Output folder; written atomically (a temp folder renamed at the end)."""
     overwrite: bool = False
@@ -408,6 +417,10 @@ class EvalConfig:
     """Score the catalogue in chunks of this many items, so memory stays (B x item_chunk)."""
     beam: int = 50
     """Beam width of the generative head's trie-constrained decoding (its metrics use only ks <= beam)."""
+    within_domain: bool = False
+    """Rank each target only among the items of its own domain (manifest item_domain), as a domain's
+    own recommender would: multi-source shard sets (Beauty + Sports). Meaningless for user-group domains
+    (prepare domain_by age/gender: every domain shares the items), where it is refused."""
     select_task: str = "auto"
     """Which validation metric picks the epoch: 'auto' (every target as it comes: a search target with
     its query, any other as recommendation), 'rec' (every target from the history alone) or 'search'

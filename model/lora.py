@@ -148,3 +148,34 @@ def merged_state(model: nn.Module, domain: int) -> dict[str, torch.Tensor]:
         else:
             out[key] = t
     return out
+
+
+def is_adapter_param(name: str) -> bool:
+    return name.endswith((".A", ".B"))
+
+
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Load a model without adapters (`state`, e.g. a pretrained run's weights) into the same model built
+    with adapters: `<layer>.weight` -> `<layer>.base.weight`; the adapters keep their init (B = 0, so the
+    model starts as exactly the pretrained one). Every backbone tensor must be there, with its shape, and
+    nothing else; returns the adapter parameter names left to train."""
+    layers = adapter_layers(model)
+    own = model.state_dict()
+    source = {}
+    for key in own:
+        if is_adapter_param(key) and key.rpartition(".")[0] in layers:
+            continue
+        name, _, leaf = key.rpartition(".")
+        owner, _, part = name.rpartition(".")
+        source[key] = f"{owner}.{leaf}" if part == "base" and owner in layers else key
+    missing = sorted(k for k in source.values() if k not in state)
+    extra = sorted(set(state) - set(source.values()))
+    if missing or extra:
+        raise ValueError(f"the base weights do not fit this model: missing {missing[:5]}, unexpected {extra[:5]} "
+                         "(was the base trained with the same model config and shard set?)")
+    with torch.no_grad():
+        for key, src in source.items():
+            if own[key].shape != state[src].shape:
+                raise ValueError(f"{src}: shape {tuple(state[src].shape)}, the model has {tuple(own[key].shape)}")
+            own[key].copy_(state[src])
+    return [k for k, _ in model.named_parameters() if is_adapter_param(k) and k.rpartition(".")[0] in layers]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from configs.load import ConfigError, help_text, load_config
 from configs.schema import PretrainConfig
@@ -14,6 +15,16 @@ card) and export.json (provenance + sha256 of every file).
 
     python -m train export --run runs/ml1m_hstu --out exports/ml1m_hstu
     python -m serve --export exports/ml1m_hstu --port 8000
+"""
+
+
+ADAPT_HELP = """Adapt a pretrained run per domain (MLoRA): its weights, frozen, + per-domain low-rank adapters on
+the blocks' dense layers, trained in mixed-domain batches; each domain keeps its best validation epoch and
+its adapter alone in run_dir/adapters/<domain>.safetensors. run_dir defaults to <base>_adapt.
+
+    python -m train adapt --base runs/beauty_sports_shared
+    python -m train adapt --base runs/ml1m_age_shared --domains age18_24,age25_34 --set model.adapter_alpha=8
+    python -m train export --run runs/beauty_sports_shared_adapt --out exports/beauty_sports_mlora
 """
 
 
@@ -45,7 +56,25 @@ def main(argv=None) -> int:
     e.add_argument("--aoti", action="store_true",
                    help="also compile program.pt2 with AOTInductor (program_aoti.pt2; needs a C++ compiler, minutes)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    a = sub.add_parser("adapt", help="freeze a pretrained run's backbone and train per-domain MLoRA adapters",
+                       description=ADAPT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--base", required=True, help="pretrained run directory (config.json, metrics.json, ckpt/best)")
+    a.add_argument("--domains", default="", help="comma-separated domain names to adapt (default: every domain)")
+    a.add_argument("--config", help="YAML with PretrainConfig keys applied on top of the base run's config")
+    a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set model.adapter_alpha=8 --set train.lr=3e-3 (repeatable)")
+    a.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.command == "adapt":
+        from data_pipeline.read_shards import ShardError
+        from train.adapt import base_config
+        from train.adapt import main as adapt
+        try:
+            cfg = base_config(Path(args.base), args.set, args.config)
+            adapt(cfg, args.base, [d for d in args.domains.split(",") if d])
+        except (ConfigError, ShardError, FileNotFoundError) as e:
+            return input_error(e)
+        return 0
     if args.command == "export":
         from train.export import ExportError
         from train.export import main as export

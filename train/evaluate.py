@@ -73,25 +73,26 @@ def _history_mask(batch, ids_lo: int, ids_hi: int, targets: torch.Tensor, rule: 
 
 
 def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch.Tensor | None = None,
-                cold: torch.Tensor | None = None) -> BatchRanks:
+                cold: torch.Tensor | None = None, item_domain: torch.Tensor | None = None) -> BatchRanks:
     """Full-ranking ranks of each sequence's target among items 1..num_items.
     `unrankable` (sorted ids): items the model has no representation for (an ID-only model's never-trained
     items): never ranked, and a target among them is a miss. `cold` (sorted ids): also rank every target
     among the warm items only (BatchRanks.warm), so models that can and cannot rank cold items compare on
     one candidate set. Non-finite scores never help: a NaN state or target score is a miss, and a NaN
-    candidate score counts as beating the target (NaN compares False, so it would otherwise rank first)."""
+    candidate score counts as beating the target (NaN compares False, so it would otherwise rank first).
+    `item_domain` (num_items + 1,): rank each target only among the items of its sequence's domain."""
     q = model(batch, last_only=True).float()  # (B, D)
 
     def scores(lo, hi):  # (B, hi - lo); through the embedding module so ZeRO-3 gathers its weight
         ids = torch.arange(lo, hi, device=q.device)
         return q @ F.normalize(model.embed.item(ids).float(), dim=-1, eps=1e-6).T
 
-    return rank_targets(scores, batch, cfg, num_items, torch.isfinite(q).all(1), unrankable, cold)
+    return rank_targets(scores, batch, cfg, num_items, torch.isfinite(q).all(1), unrankable, cold, item_domain)
 
 
 def rank_targets(scores: Callable[[int, int], torch.Tensor], batch, cfg: EvalConfig, num_items: int,
                  finite_state: torch.Tensor | None = None, unrankable: torch.Tensor | None = None,
-                 cold: torch.Tensor | None = None) -> BatchRanks:
+                 cold: torch.Tensor | None = None, item_domain: torch.Tensor | None = None) -> BatchRanks:
     """The ranking rules of `score_batch` for any scorer: `scores(lo, hi)` -> (B, hi - lo) scores of items
     lo..hi-1 for each sequence (column 0, the padding id, is never ranked); `finite_state` (B,) bool, False
     where the sequence's state was NaN/inf (a miss). Non-model scorers (train/search_baselines.py) call it
@@ -115,6 +116,8 @@ def rank_targets(scores: Callable[[int, int], torch.Tensor], batch, cfg: EvalCon
         ids = torch.arange(lo, hi, device=targets.device)
         if unrankable is not None:
             excluded |= torch.isin(ids, unrankable)[None, :]
+        if item_domain is not None:  # only the target's domain competes (a target outside it: see below)
+            excluded |= item_domain[ids][None, :] != batch.domain[:, None]
         beats = (s > t_score[:, None]) | ((s == t_score[:, None]) & (ids[None, :] != targets[:, None])) | s.isnan()
         beats &= ~excluded
         above += beats.sum(1)
@@ -122,6 +125,8 @@ def rank_targets(scores: Callable[[int, int], torch.Tensor], batch, cfg: EvalCon
             above_cold += (beats & torch.isin(ids, cold)[None, :]).sum(1)
     nonfinite = ~torch.isfinite(t_score) if finite_state is None else ~finite_state | ~torch.isfinite(t_score)
     miss = nonfinite if unrankable is None else nonfinite | torch.isin(targets, unrankable)
+    if item_domain is not None:  # cannot happen when batch.domain is the target's domain; never a hit
+        miss |= item_domain[targets] != batch.domain
     ranks = torch.where(miss, MISS, above + 1)
     warm = None
     if cold is not None:  # a cold target has no rank among warm items: a miss in that column
@@ -165,7 +170,8 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
              all_reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              cold: torch.Tensor | None = None, ranker: Callable | None = None,
              unrankable: torch.Tensor | None = None,
-             slices: QuerySlices | None = None, num_users: int = 0) -> dict:
+             slices: QuerySlices | None = None, num_users: int = 0,
+             item_domain: torch.Tensor | None = None) -> dict:
     """Mean metrics over all sequences, per domain, and (when `cold`, sorted item ids held out of
     training, is non-empty) per slice: targets that are cold items, warm ones, and warm ones ranked among
     the warm items only ('warm_among_warm': the same candidate set for every model). `batches` yields
@@ -176,7 +182,9 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     `slices(batch) -> {name: (B,) bool}` (names in slices.names): more slices of the sequences (e.g. seen /
     unseen query), reported in per_slice with the same metrics. `num_users` > 0: also return
     out["ranks"], the rank of each user's target (index = dense user; 0 = no target, -1 = a miss), for
-    confidence intervals over targets (one target per user per split, so ranks sum across ranks exactly)."""
+    confidence intervals over targets (one target per user per split, so ranks sum across ranks exactly).
+    `item_domain` (num_items + 1,) domain id per item: rank each target among its own domain's items only
+    (eval.within_domain; the dot-product ranking only)."""
     names = metric_names(cfg.ks)
     cold = cold if cold is not None and len(cold) else None
     D = len(domains)
@@ -188,7 +196,8 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     was_training = model.training
     model.eval()
     for batch, is_real in batches:
-        r = ranker(model, batch, cold) if ranker else score_batch(model, batch, cfg, num_items, unrankable, cold)
+        r = ranker(model, batch, cold) if ranker else score_batch(model, batch, cfg, num_items, unrankable, cold,
+                                                                  item_domain)
         if not is_real:
             continue
         vals = _with_count(rank_metrics(r.ranks, cfg.ks))

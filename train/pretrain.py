@@ -57,9 +57,21 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     out = evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
                    unrankable=unrankable, slices=_query_slices(manifest, split),
-                   num_users=manifest["vocab"]["num_users"] if keep_ranks else 0)
+                   num_users=manifest["vocab"]["num_users"] if keep_ranks else 0,
+                   item_domain=None if generative else domain_of_items(manifest, cfg.eval.within_domain, dev))
     out["task"] = task
+    out["within_domain"] = cfg.eval.within_domain and not generative
     return out
+
+
+def domain_of_items(manifest: dict, within_domain: bool, dev) -> torch.Tensor | None:
+    """(num_items + 1,) each item's domain id for eval.within_domain, else None."""
+    if not within_domain:
+        return None
+    if manifest.get("domain_by", "source") != "source":
+        raise ValueError(f"eval.within_domain needs item domains; this shard set's domains are user groups "
+                         f"(domain_by={manifest['domain_by']!r}) that share every item")
+    return torch.tensor(manifest["item_domain"], dtype=torch.long, device=dev)
 
 
 def has_search_targets(manifest: dict) -> bool:
