@@ -121,3 +121,19 @@ def test_adapter_targets_pick_layers_and_rank_follows_alpha():
         _model("hstu", adapters="mlora", adapter_targets=["qkv"])  # a SASRec name on HSTU
     with pytest.raises(ValueError, match="outside"):
         _model("hstu", adapters="mlora")(_batch(torch.tensor([0, 1, 2, 3, 0, 0, 0])))
+
+
+def test_within_domain_ranks_a_target_among_its_own_domains_items_only():
+    from configs.schema import EvalConfig
+    from train.evaluate import rank_targets
+    # items 1..4: domains 0, 1, 0, 1; two sequences (domain 0 then 1) whose targets are items 3 and 2
+    item_domain = torch.tensor([-1, 0, 1, 0, 1])
+    batch = dataclasses.replace(jagged_from_padded(*_padded(1, 2)), domain=torch.tensor([0, 1]),
+                                targets=torch.zeros(13, dtype=torch.long))
+    last = batch.offsets[1:] - 1
+    batch.targets[last] = torch.tensor([3, 2])
+    scores = lambda lo, hi: torch.tensor([[0.0, 0.9, 0.8, 0.5, 0.7], [0.0, 0.9, 0.1, 0.5, 0.7]])[:, lo:hi]  # noqa: E731
+    cfg = EvalConfig(exclude_history="none", item_chunk=8)
+    everywhere = rank_targets(scores, batch, cfg, 4).ranks
+    within = rank_targets(scores, batch, cfg, 4, item_domain=item_domain).ranks
+    assert everywhere.tolist() == [4, 4] and within.tolist() == [2, 2]  # item 1 beats 3; item 4 beats 2
