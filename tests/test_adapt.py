@@ -17,7 +17,7 @@ from train.pretrain import main as pretrain
 
 
 @pytest.fixture(scope="module")
-def base_run(shards, tmp_path_factory):
+def base_run(shards, tmp_path_factory):  # noqa: F811  (the imported fixture)
     run = tmp_path_factory.mktemp("adapt_base") / "base"
     pretrain(load_config(PretrainConfig, None, TINY + [f"shards={shards}", f"run_dir={run}", "train.epochs=2"]))
     return run
@@ -66,7 +66,7 @@ def test_adapt_refuses_a_base_of_another_model(base_run):
         _adapt(base_run, ["model.domain_embedding=true"])
 
 
-def test_zero3_two_processes_train_mlora_jointly(tmp_path, shards):
+def test_zero3_two_processes_train_mlora_jointly(tmp_path, shards):  # noqa: F811
     run = tmp_path / "z3"
     torchrun(run, shards, ["train.epochs=1", "train.zero_stage=3", "model.adapters=mlora", "train.lr=0.01"])
     state = params(run)

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from configs.load import ConfigError, load_config, save_config
+from configs.provenance import git_sha
 from configs.schema import PretrainConfig
 from data_pipeline.read_shards import cold_items, load_manifest
 from model.items import load_item_features
@@ -28,7 +29,6 @@ from model.lora import adapter_layers, domain_adapter_state, is_adapter_param, l
 from model.seqrec import build_model
 from train import engine as E
 from train.loop import NonFiniteGuard, train_epoch
-from configs.provenance import git_sha
 from train.pretrain import make_logger, run_eval, seed_everything
 
 
