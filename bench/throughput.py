@@ -75,8 +75,9 @@ class NaiveHSTUBlock(HSTUBlock):
     """Our HSTU layer with the naive padded attention (same weights and math): a padded stand-in for the
     research code's cost structure, not the reference implementation itself."""
 
-    def forward(self, x, offsets, ts, next_ts, max_len, plan=None, last_only=False):
+    def forward(self, x, offsets, ts, next_ts, max_len, plan=None, last_only=False, domains=None):
         assert not last_only, "the padded stand-in only trains"
+        assert domains is None, "the padded stand-in has no per-domain adapters"
         # `plan` (the shared per-batch masks/bias indices) is ignored on purpose: the research code
         # rebuilds the dense (B, N, N) bias in every layer, and that cost is what this row measures.
         L, D = x.shape
