@@ -131,6 +131,16 @@ def load_domain_adapter(model: nn.Module, domain: int, state: dict[str, torch.Te
                 dst.copy_(t)
 
 
+def _backbone_key(key: str, layers: dict) -> str | None:
+    """A state key of the adapted model -> the same tensor's key in the model without adapters
+    (`<layer>.base.weight` -> `<layer>.weight`); None for an adapter factor (A, B)."""
+    name, _, leaf = key.rpartition(".")
+    if name in layers:
+        return None
+    owner, _, part = name.rpartition(".")
+    return f"{owner}.{leaf}" if part == "base" and owner in layers else key
+
+
 def merged_state(model: nn.Module, domain: int) -> dict[str, torch.Tensor]:
     """The model's state with domain `domain`'s adapters folded into W: each adapted layer's
     `<name>.base.weight/bias` become `<name>.weight/bias` (W + scale (A_d B_d)^T) and its A, B go. Loads into
@@ -138,15 +148,12 @@ def merged_state(model: nn.Module, domain: int) -> dict[str, torch.Tensor]:
     layers = adapter_layers(model)
     out = {}
     for key, t in model.state_dict().items():
-        name, _, leaf = key.rpartition(".")
-        if name in layers:
-            continue  # A, B
-        owner, _, part = name.rpartition(".")
-        if part == "base" and owner in layers:
-            merged = layers[owner].merged_weight(domain) if leaf == "weight" else t
-            out[f"{owner}.{leaf}"] = merged.detach().clone()
-        else:
-            out[key] = t
+        plain = _backbone_key(key, layers)
+        if plain is None:
+            continue
+        if plain != key and key.endswith(".weight"):
+            t = layers[plain.rpartition(".")[0]].merged_weight(domain).detach().clone()
+        out[plain] = t
     return out
 
 
@@ -154,20 +161,14 @@ def is_adapter_param(name: str) -> bool:
     return name.endswith((".A", ".B"))
 
 
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a model without adapters (`state`, e.g. a pretrained run's weights) into the same model built
     with adapters: `<layer>.weight` -> `<layer>.base.weight`; the adapters keep their init (B = 0, so the
     model starts as exactly the pretrained one). Every backbone tensor must be there, with its shape, and
-    nothing else; returns the adapter parameter names left to train."""
+    nothing else."""
     layers = adapter_layers(model)
     own = model.state_dict()
-    source = {}
-    for key in own:
-        if is_adapter_param(key) and key.rpartition(".")[0] in layers:
-            continue
-        name, _, leaf = key.rpartition(".")
-        owner, _, part = name.rpartition(".")
-        source[key] = f"{owner}.{leaf}" if part == "base" and owner in layers else key
+    source = {key: src for key in own if (src := _backbone_key(key, layers)) is not None}
     missing = sorted(k for k in source.values() if k not in state)
     extra = sorted(set(state) - set(source.values()))
     if missing or extra:
@@ -178,4 +179,3 @@ def load_backbone(model: nn.Module, state: dict[str, torch.Tensor]) -> list[str]
             if own[key].shape != state[src].shape:
                 raise ValueError(f"{src}: shape {tuple(state[src].shape)}, the model has {tuple(own[key].shape)}")
             own[key].copy_(state[src])
-    return [k for k, _ in model.named_parameters() if is_adapter_param(k) and k.rpartition(".")[0] in layers]

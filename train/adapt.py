@@ -23,13 +23,13 @@ from safetensors.torch import save_file
 from configs.load import ConfigError, load_config, save_config
 from configs.provenance import git_sha
 from configs.schema import PretrainConfig
-from data_pipeline.read_shards import cold_items, load_manifest
+from data_pipeline.read_shards import load_manifest
 from model.items import load_item_features
 from model.lora import adapter_layers, domain_adapter_state, is_adapter_param, load_backbone, load_domain_adapter
 from model.seqrec import build_model
 from train import engine as E
 from train.loop import NonFiniteGuard, train_epoch
-from train.pretrain import make_logger, run_eval, seed_everything
+from train.pretrain import make_logger, run_eval, seed_everything, train_candidates
 
 
 def base_config(base: Path, overrides: list[str], config: str | None = None) -> PretrainConfig:
@@ -82,10 +82,9 @@ def save_adapter(model, domain: int, name: str, out: Path) -> None:
 def load_adapters(model, domains: list[int], names: list[str], folder: Path) -> None:
     from safetensors.torch import load_file
     layers = list(adapter_layers(model).values())
-    with E.gathered([p for m in layers for p in (m.A, m.B)], modify=True):
-        if E.rank() == 0 or not any(hasattr(p, "ds_id") for m in layers for p in (m.A, m.B)):
-            for d in domains:
-                load_domain_adapter(model, d, load_file(str(folder / f"{names[d]}.safetensors")))
+    with E.gathered([p for m in layers for p in (m.A, m.B)], modify=True):  # under ZeRO-3 rank 0's copy wins
+        for d in domains:
+            load_domain_adapter(model, d, load_file(str(folder / f"{names[d]}.safetensors")))
 
 
 def main(cfg: PretrainConfig, base: str | Path, domain_names: list[str] = ()) -> dict:
@@ -103,12 +102,7 @@ def main(cfg: PretrainConfig, base: str | Path, domain_names: list[str] = ()) ->
     names = manifest["id_maps"]["domains"]
     domains = chosen_domains(manifest, list(domain_names))
     num_items = manifest["vocab"]["num_items"]
-    cold = torch.from_numpy(cold_items(manifest))
-    candidates = None
-    if len(cold):
-        keep = torch.ones(num_items + 1, dtype=torch.bool)
-        keep[0], keep[cold] = False, False
-        candidates = keep.nonzero().squeeze(1).to(dev)
+    candidates = train_candidates(manifest, dev)
     run_dir = Path(cfg.run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

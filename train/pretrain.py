@@ -74,6 +74,15 @@ def domain_of_items(manifest: dict, within_domain: bool, dev) -> torch.Tensor | 
     return torch.tensor(manifest["item_domain"], dtype=torch.long, device=dev)
 
 
+def train_candidates(manifest: dict, dev) -> torch.Tensor | None:
+    """Sorted ids of the items negatives are drawn from: every item but the cold ones (held out of
+    training, never a negative either); None = all items."""
+    cold = cold_items(manifest)
+    if not len(cold):
+        return None
+    return torch.from_numpy(np.setdiff1d(np.arange(1, manifest["vocab"]["num_items"] + 1), cold)).to(dev)
+
+
 def has_search_targets(manifest: dict) -> bool:
     return bool((manifest["counts"].get("search") or {}).get("test_search_targets"))
 
@@ -139,10 +148,7 @@ def main(cfg: PretrainConfig) -> dict:
     if bad_shards and rank == 0:
         print(f"warning: skipping {len(bad_shards)} of {len(manifest['shards'])} shards: " + "; ".join(bad_shards))
     num_items = manifest["vocab"]["num_items"]
-    cold = torch.from_numpy(cold_items(manifest))  # held out of training: never a negative either
-    candidates = None
-    if len(cold):
-        candidates = torch.from_numpy(np.setdiff1d(np.arange(1, num_items + 1), cold.numpy())).to(dev)
+    candidates = train_candidates(manifest, dev)
     run_dir = Path(cfg.run_dir)
     ckpt = run_dir / "ckpt"
     if rank == 0:
