@@ -10,7 +10,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import time
 import warnings
 from pathlib import Path
@@ -25,20 +24,17 @@ from configs.schema import TrainConfig
 from data_pipeline.atomic_dir import recover, swap_into_place
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def setup_distributed() -> tuple[int, int]:
-    """Initialise the process group once; returns (rank, world_size). A plain `python` run gets the
-    environment of a one-process group (DeepSpeed otherwise looks for MPI and fails)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    """Initialise the process group once; returns (rank, world_size). A plain `python` run (no launcher)
+    gets a one-process group over an in-memory store: no TCP port at all. Picking a free port and then
+    binding it raced with other processes on CI (EADDRINUSE on port 40217, 2026-12-02); a launcher's
+    torchrun/deepspeed rendezvous owns the port otherwise."""
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "MASTER_PORT" not in os.environ and os.environ.get("WORLD_SIZE", "1") == "1":
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
+        deepspeed.init_distributed(dist_backend=backend)  # wraps an existing group, else rendezvous by env
     return dist.get_rank(), dist.get_world_size()
 
 
