@@ -13,6 +13,10 @@ from data_pipeline.read_shards import ShardError, load_manifest
 EPILOG = """examples:
   python -m data_pipeline prepare --dataset ml-1m --raw ../shared/data/ml-1m --out shards/ml-1m
   python -m data_pipeline prepare --dataset amazon-beauty --raw ../shared/data/amazon-beauty --out shards/beauty
+  python -m data_pipeline prepare --dataset amazon-beauty --raw ../shared/data/amazon-beauty \\
+      --also amazon-sports=../shared/data/amazon-sports --out shards/beauty-sports   # 2 domains, shared users
+  python -m data_pipeline prepare --dataset ml-1m --raw ../shared/data/ml-1m --domain-by age \\
+      --out shards/ml-1m-age   # 7 age-band domains from users.dat
   python -m data_pipeline synthetic --out shards/synthetic --set synthetic.num_users=500
   python -m data_pipeline inspect shards/ml-1m
 
@@ -34,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--dataset", help="source format (see `python -m data_pipeline --help`); "
                            "overrides the config's `dataset`")
             s.add_argument("--raw", help="folder holding the raw files")
+            s.add_argument("--also", action="append", default=[], metavar="DATASET=RAW",
+                           help="merge one more source into the shard set, e.g. "
+                           "amazon-sports=../shared/data/amazon-sports (repeatable; appends to `also`)")
+            s.add_argument("--domain-by", choices=PrepareConfig.CHOICES["domain_by"],
+                           help="event domains: each source's own (source), or ML-1M user groups from "
+                           "users.dat (age, gender); overrides `domain_by`")
         s.add_argument("--out", help="output folder for shards + manifest.json (written atomically)")
         s.add_argument("--config", help="YAML file with PrepareConfig keys (e.g. configs/data/ml-1m.yaml)")
         s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -70,20 +80,47 @@ def resolve_config(args) -> PrepareConfig:
     flags = {k: getattr(args, k, None) for k in ("dataset", "raw", "out")}
     if args.command == "synthetic":
         flags["dataset"] = "synthetic"
+    flags["domain_by"] = getattr(args, "domain_by", None)
     cfg = dataclasses.replace(cfg, **{k: v for k, v in flags.items() if v is not None})
+    cfg.also = cfg.also + getattr(args, "also", [])
     cfg.skip_bad_rows |= args.skip_bad_rows
     cfg.overwrite |= args.overwrite
     if cfg.dataset != "synthetic" and not cfg.raw:
         raise ConfigError(f"--raw is required for dataset {cfg.dataset!r}")
+    sources(cfg)  # a bad `also` entry or domain_by fails here, before any reading
     return cfg
 
 
+def sources(cfg: PrepareConfig) -> list[tuple[str, str]]:
+    """(dataset, raw folder) of every source: the main one, then each `also` entry in order."""
+    out = [(cfg.dataset, cfg.raw)]
+    for entry in cfg.also:
+        name, sep, raw = (s.strip() for s in entry.partition("="))
+        if not (sep and name and raw):
+            raise ConfigError(f"also: entry {entry!r} must look like DATASET=RAW_FOLDER "
+                              "(e.g. amazon-sports=../shared/data/amazon-sports)")
+        out.append((name, raw))
+    names = [n for n, _ in out]
+    if len(out) > 1 and ("synthetic" in names or len(set(names)) < len(names)):
+        raise ConfigError(f"also: sources must be distinct real datasets, got {names}")
+    if cfg.domain_by != "source" and names != ["ml-1m"]:
+        raise ConfigError(f"domain_by={cfg.domain_by!r} needs ML-1M's users.dat: only valid for dataset ml-1m "
+                          f"alone, got {names}")
+    return out
+
+
 def read_source(cfg: PrepareConfig):
+    """Every source read, merged into one item and user space, then the domains domain_by asks for."""
     if cfg.dataset == "synthetic":
         from data_pipeline.synthetic import generate
         return generate(cfg.synthetic).dataset
+    from data_pipeline import multidomain
     from data_pipeline.readers import read_dataset
-    return read_dataset(cfg.dataset, cfg.raw, skip_bad_rows=cfg.skip_bad_rows)
+    parts = [(name, read_dataset(name, raw, skip_bad_rows=cfg.skip_bad_rows)) for name, raw in sources(cfg)]
+    ds = parts[0][1] if len(parts) == 1 else multidomain.merge_datasets(parts)
+    if cfg.domain_by != "source":
+        ds = multidomain.domains_by_user_group(ds, f"{cfg.raw}/users.dat", cfg.domain_by)
+    return ds
 
 
 def summary_table(m: dict) -> str:
@@ -158,12 +195,13 @@ def prepare_main(args) -> int:
     cfg = resolve_config(args)
     from data_pipeline.write_shards import write_shards
     t0 = time.time()
-    print(f"reading {cfg.dataset} {cfg.raw}".rstrip(), file=sys.stderr)
+    print(f"reading {cfg.dataset} {cfg.raw} {' '.join(cfg.also)}".rstrip(), file=sys.stderr)
     ds = read_source(cfg)
     from data_pipeline import search_data
     ds = search_data.apply(ds, cfg.search)
     print(f"read {len(ds.events):,} events in {time.time() - t0:.1f}s; writing shards to {cfg.out}", file=sys.stderr)
-    manifest = write_shards(ds, cfg.out, cfg.shards, overwrite=cfg.overwrite, progress=not args.quiet)
+    manifest = write_shards(ds, cfg.out, cfg.shards, overwrite=cfg.overwrite, progress=not args.quiet,
+                            domain_by=cfg.domain_by)
     save_config(cfg, f"{cfg.out}/prepare_config.json")
     print(summary_table(manifest))
     print(f"done in {time.time() - t0:.1f}s -> {cfg.out}/manifest.json")

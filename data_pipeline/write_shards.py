@@ -61,10 +61,18 @@ def encode_events(ds: Dataset) -> dict:
     query_idx = np.fromiter((q_of[q] for q in ev.query), dtype=np.int64, count=len(ev))
     order = np.lexsort((ev.timestamp, user_idx))  # numpy's lexsort is stable: ties keep file order
     seq = np.stack([item_idx, ev.timestamp, ev.action, domain_idx, query_idx])[:, order]  # (5, E)
-    item_domain = np.full(len(items) + 1, -1, dtype=np.int64)
-    item_domain[item_idx] = domain_idx
     return dict(users=users, items=items, domains=domains, queries=queries, seq=seq,
-                user_idx=user_idx[order], item_domain=item_domain)
+                user_idx=user_idx[order], item_domain=_item_domain(item_idx, domain_idx, len(items), len(domains)))
+
+
+def _item_domain(item_idx: np.ndarray, domain_idx: np.ndarray, num_items: int, num_domains: int) -> np.ndarray:
+    """(I+1,) the domain of each item's events; -1 for padding and for an item whose events span several
+    domains (user-group domains: ML-1M by age puts most movies in all 7 groups)."""
+    lo = np.full(num_items + 1, num_domains, dtype=np.int64)
+    hi = np.full(num_items + 1, -1, dtype=np.int64)
+    np.minimum.at(lo, item_idx, domain_idx)
+    np.maximum.at(hi, item_idx, domain_idx)
+    return np.where(lo == hi, hi, -1)
 
 
 def _split_users(enc: dict, cfg: ShardConfig) -> tuple[list[tuple[int, int, int]], dict]:
@@ -103,8 +111,8 @@ def _counts(enc: dict, spans: list, short: dict, ds: Dataset, cold: np.ndarray) 
     per_domain = {}
     for d, name in enumerate(domains):
         in_d = seq[schema.ROW_DOMAIN, kept] == d
-        per_domain[name] = dict(
-            events=int(in_d.sum()), items=int((enc["item_domain"] == d).sum()),
+        per_domain[name] = dict(  # items = distinct items with events in d (domains may share items)
+            events=int(in_d.sum()), items=int(len(np.unique(seq[schema.ROW_ITEM, kept][in_d]))),
             users=int(len(np.unique(enc["user_idx"][kept][in_d]))),
             valid_targets=int((seq[schema.ROW_DOMAIN, valid_pos] == d).sum()),
             test_targets=int((seq[schema.ROW_DOMAIN, test_pos] == d).sum()))
@@ -146,7 +154,8 @@ def _write_catalog(path: Path, enc: dict, ds: Dataset):
     """Catalog rows for dense items 1..I (text fields for the content encoder of later stages)."""
     with gzip.open(path, "wt", encoding="utf-8") as f:
         for dense, raw in enumerate(enc["items"], start=1):
-            it = ds.catalog.get(raw) or schema.Item(item_id=raw, domain=enc["domains"][enc["item_domain"][dense]])
+            d = enc["item_domain"][dense]  # -1: events in several domains, so no one domain to name
+            it = ds.catalog.get(raw) or schema.Item(item_id=raw, domain=enc["domains"][d] if d >= 0 else "")
             row = dict(id=dense, item_id=raw, domain=it.domain, title=it.title, categories=it.categories,
                        brand=it.brand, description=it.description, attributes=it.attributes)
             f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
@@ -163,8 +172,10 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
-                 overwrite: bool = False, progress: bool = True) -> dict:
-    """Write `ds` as shards + catalog + manifest into `out` atomically; returns the manifest."""
+                 overwrite: bool = False, progress: bool = True, domain_by: str = "source") -> dict:
+    """Write `ds` as shards + catalog + manifest into `out` atomically; returns the manifest. `domain_by`
+    (PrepareConfig.domain_by) goes into the manifest: 'age'/'gender' domains are user groups that share
+    items, so eval.within_domain refuses them."""
     out = Path(out)
     tmp = _prepare_out(out, overwrite)
     try:
@@ -178,7 +189,7 @@ def write_shards(ds: Dataset, out: str | Path, cfg: ShardConfig = ShardConfig(),
         cold = _cold_items(len(enc["items"]), cfg)
         counts, per_domain = _counts(enc, spans, short, ds, cold)
         counts["cold"] = _cold_counts(enc, spans, cold)
-        manifest = _manifest(ds, enc, counts, per_domain, shards, cfg, cold)
+        manifest = _manifest(ds, enc, counts, per_domain, shards, cfg, cold, domain_by)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n")
         swap_into_place(tmp, out)  # `out` is never missing, not even for a moment
     except BaseException:
@@ -208,7 +219,7 @@ def _cold_counts(enc: dict, spans: list, cold: np.ndarray) -> dict:
                 valid_targets_dropped=int(np.isin(valid_items, cold).sum()))
 
 
-def _manifest(ds, enc, counts, per_domain, shards, cfg, cold) -> dict:
+def _manifest(ds, enc, counts, per_domain, shards, cfg, cold, domain_by) -> dict:
     id_maps = dict(items=["<pad>"] + enc["items"], users=enc["users"], domains=enc["domains"],
                    queries=enc["queries"])
     h = hashlib.sha256()
@@ -221,7 +232,7 @@ def _manifest(ds, enc, counts, per_domain, shards, cfg, cold) -> dict:
         format_version=FORMAT_VERSION, dataset=ds.name,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         has_timestamps=bool(ds.events.has_timestamps), content_hash=h.hexdigest(),
-        counts=counts, per_domain=per_domain,
+        counts=counts, per_domain=per_domain, domain_by=domain_by,
         vocab=dict(num_items=len(enc["items"]), num_users=len(enc["users"]), num_actions=schema.NUM_ACTIONS,
                    num_domains=len(enc["domains"]), num_queries=len(enc["queries"]) - 1,
                    num_token_types=schema.NUM_TOKEN_TYPES),
