@@ -17,6 +17,7 @@ from data_pipeline.read_shards import load_manifest, read_shards
 from data_pipeline.readers import read_dataset
 from data_pipeline.schema import DataError, Dataset, Events, Item
 from data_pipeline.write_shards import write_shards
+from tests.test_readers import write
 
 NOSHUF = LoaderConfig(batch_size=8, max_len=10_000, num_workers=0, shuffle_buffer=0, query_tokens=False)
 HEADER = "user_id\titem_id\ttimestamp\tp5_user_id\tp5_item_id\tposition\n"
@@ -30,12 +31,6 @@ MOVIES = "1::Toy Story (1995)::Animation\n2::Heat (1995)::Action\n3::Alien (1979
 USERS = "1::F::1::10::48067\n2::M::56::16::70072\n3::M::25::15::55117\n"
 RATINGS = ("1::1::5::978300760\n1::2::3::978302109\n1::3::4::978301968\n2::1::4::978298413\n2::2::2::978298414\n"
            "2::3::1::978298415\n3::1::5::978200000\n3::2::4::978200001\n3::3::3::978200002\n")
-
-
-def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
-    data = text.encode(encoding)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-    return path
 
 
 def amazon(folder: Path, rows: list[tuple], blank_ts: bool = False) -> Path:
