@@ -90,6 +90,10 @@ class LoaderConfig:
     """Training only: probability that a history longer than max_len events is cut to the max_len events
     ending at a uniformly drawn position instead of its most recent ones (seeded by seed, epoch and user).
     0 = always the most recent (the reference recipe; ML-1M then never trains on ~1/3 of its events)."""
+    domains: list[str] = field(default_factory=list)
+    """Keep only the examples whose domain (the predicted event's; a training sequence's last event's) is
+    one of these names (manifest id_maps.domains), in every split: a single-domain model or a per-domain
+    fine-tune on a multi-domain shard set, tested on exactly that domain's examples. [] = every domain."""
 
 
 @dataclass
@@ -364,6 +368,10 @@ class TrainConfig:
     bench/throughput.py 2026-12-01). The precision used is printed and saved in metrics.json."""
     seed: int = 0
     """Seed of python, numpy and torch (init, dropout, negatives); the data order is data.seed."""
+    init_from: str = ""
+    """A finished run directory whose ckpt/best weights initialise the model (same model config and shard
+    set; optimizer state is not taken): a full fine-tune, e.g. of a shared model on one domain with
+    data.domains. '' = random init. Ignored when resuming (the run's own checkpoint wins)."""
     patience: int = 10
     """Stop after this many evaluations without a better validation NDCG@10 (test NDCG@10 under
     select='best_test'; 0 = never stop early)."""

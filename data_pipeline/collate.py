@@ -190,7 +190,19 @@ def random_window(history: np.ndarray, max_len: int, prob: float, rng: np.random
     return history[:, end - max_len:end]
 
 
-def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int, task: str):
+def domain_ids(shard_dir: str | Path, names: list[str]) -> set[int] | None:
+    """LoaderConfig.domains (names) -> their ids in the shard set's manifest; None = keep every domain."""
+    if not names:
+        return None
+    from data_pipeline.read_shards import load_manifest
+    known = load_manifest(shard_dir)["id_maps"]["domains"]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"data.domains: unknown domain(s) {unknown}; {shard_dir} has {known}")
+    return {known.index(n) for n in names}
+
+
+def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int, task: str, keep: set[int] | None = None):
     windows = split == "train" and cfg.random_window > 0
 
     def stage(src):
@@ -199,7 +211,7 @@ def _tokens_stage(cfg: LoaderConfig, split: str, epoch: int, task: str):
                 rng = np.random.default_rng([cfg.seed, epoch, ex["user"]])
                 ex = {**ex, "history": random_window(ex["history"], cfg.max_len, cfg.random_window, rng)}
             tok = example_to_tokens(ex, cfg.query_tokens, cfg.max_len, task)
-            if tok is not None:
+            if tok is not None and (keep is None or tok["domain"] in keep):
                 yield tok
     return stage
 
@@ -211,8 +223,9 @@ def make_loader(shard_dir: str | Path, split: str, cfg: LoaderConfig, epoch: int
     `task` (evaluation splits): how each target is posed, see `example_to_tokens`."""
     if split == "train" and task != "auto":
         raise ValueError(f"task={task!r} poses evaluation targets; the train split has none")
+    keep = domain_ids(shard_dir, cfg.domains)  # a bad name fails here, before any worker starts
     pipe = read_shards(shard_dir, split, cfg, epoch, shuffle)
-    pipe.append(_tokens_stage(cfg, split, epoch, task))
+    pipe.append(_tokens_stage(cfg, split, epoch, task, keep))
     pipe.append(wds.batched(cfg.batch_size, collation_fn=collate_packed, partial=True))
     # its own generator: a DataLoader iterator otherwise draws its base seed from torch's global RNG, so
     # validating an epoch would shift the dropout masks of every later training step (the pipeline's own

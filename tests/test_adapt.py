@@ -74,3 +74,32 @@ def test_zero3_two_processes_train_mlora_jointly(tmp_path, shards):  # noqa: F81
     assert all(state[k].shape[0] == 3 and state[k].abs().sum() > 0 for k in state if k.endswith(".B"))
     m = json.loads((run / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["test"]["count"] > 0 and m["test"]["nonfinite_states"] == 0
+
+
+def test_data_domains_keeps_only_that_domains_examples_in_every_split(shards):  # noqa: F811
+    from configs.schema import LoaderConfig
+    from data_pipeline.collate import make_loader
+    names = json.loads((shards / "manifest.json").read_text())["id_maps"]["domains"]
+    books = names.index("books")
+    for split in ("train", "valid", "test"):
+        every = torch.cat([b.domain for b in make_loader(shards, split, LoaderConfig(num_workers=0))])
+        kept = torch.cat([b.domain for b in make_loader(shards, split, LoaderConfig(num_workers=0, domains=["books"]))])
+        assert (kept == books).all() and len(kept) == int((every == books).sum()) > 0, split
+    with pytest.raises(ValueError, match=r"unknown domain\(s\) \['toys'\]"):
+        next(make_loader(shards, "test", LoaderConfig(num_workers=0, domains=["toys"])))
+
+
+def test_init_from_starts_a_one_domain_fine_tune_from_the_base_weights(base_run, tmp_path):
+    run = tmp_path / "ft"
+    cfg = load_config(PretrainConfig, base_run / "config.json",
+                      [f"run_dir={run}", "train.epochs=1", "train.lr=0", "train.init_from=" + str(base_run),
+                       "data.domains=[books]"])
+    metrics = pretrain(cfg)
+    assert set(metrics["test"]["per_domain"]) == {"books"}  # tested on books' examples only
+    before, after = params(base_run, "best"), params(run, "best")
+    for k in before:  # lr 0: the fine-tune's weights are the base's, so init_from loaded all of them
+        assert torch.equal(after[k], before[k]), k
+    bad = load_config(PretrainConfig, base_run / "config.json",
+                      [f"run_dir={tmp_path / 'bad'}", "model.domain_embedding=true", f"train.init_from={base_run}"])
+    with pytest.raises(ConfigError, match="do not fit"):
+        pretrain(bad)

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from configs.load import save_config
+from configs.load import ConfigError, save_config
 from configs.provenance import git_sha
 from configs.schema import PretrainConfig
-from data_pipeline.collate import make_loader
+from data_pipeline.collate import domain_ids, make_loader
 from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest
 from model.items import load_item_features
 from model.seqrec import build_model
@@ -111,6 +111,22 @@ def _eval_loader(cfg: PretrainConfig):
     return replace(cfg.data, batch_size=cfg.eval.batch_size)
 
 
+def init_weights(model: torch.nn.Module, run: Path, manifest: dict, rank: int) -> None:
+    """train.init_from: the finished run's ckpt/best weights into `model` (strict: same model config),
+    refused when that run trained on another shard set (its item ids would mean other items)."""
+    metrics = run / "metrics.json"
+    if not metrics.exists():
+        raise ConfigError(f"train.init_from: {metrics} not found (a finished run is needed)")
+    if json.loads(metrics.read_text()).get("manifest_hash") != manifest["content_hash"]:
+        raise ConfigError(f"train.init_from: {run} trained on another shard set (manifest hash differs)")
+    try:
+        model.load_state_dict(E.consolidated_state_dict(run / "ckpt", "best"), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"train.init_from: {run}'s weights do not fit this model config: {e}") from e
+    if rank == 0:
+        print(f"initialised from {run / 'ckpt' / 'best'}")
+
+
 def make_logger(run_dir: Path, rank: int):
     path = run_dir / "log.jsonl"
 
@@ -147,6 +163,10 @@ def main(cfg: PretrainConfig) -> dict:
                          "trains without them)")
     if bad_shards and rank == 0:
         print(f"warning: skipping {len(bad_shards)} of {len(manifest['shards'])} shards: " + "; ".join(bad_shards))
+    try:
+        domain_ids(cfg.shards, cfg.data.domains)  # data.domains names known domains, or the run stops here
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     num_items = manifest["vocab"]["num_items"]
     candidates = train_candidates(manifest, dev)
     run_dir = Path(cfg.run_dir)
@@ -159,9 +179,12 @@ def main(cfg: PretrainConfig) -> dict:
 
     # ---- model and engine ----------------------------------------------------------------------------
     model = build_model(cfg.model, manifest, cfg.data.max_len, load_item_features(cfg.shards, cfg.model)).to(dev)
+    resuming = cfg.resume and E.has_checkpoint(ckpt, "last")
+    if cfg.train.init_from and not resuming:
+        init_weights(model, Path(cfg.train.init_from), manifest, rank)
     eng = E.build_engine(model, cfg.train, cfg.data.batch_size)
     state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[], skipped_steps=0)
-    if cfg.resume and E.has_checkpoint(ckpt, "last"):
+    if resuming:
         state = E.load_checkpoint(eng, ckpt, "last", gen)["state"]
         old_lr = E.set_lr(eng, cfg.train.lr)
         if rank == 0:
