@@ -1,8 +1,10 @@
 """The HTTP API over a loaded export (FastAPI; `python -m serve` runs it under uvicorn).
 
     POST /recommend  {history: [raw ids], timestamps?: [unix s], now?: unix s, actions?: [codes], k: 10,
-                      exclude_history: true, exclude?: [raw ids], head?: "retrieval"|"generative", beam?: 50}
-                  -> {items: [{id, score, title}], model, took_ms, warnings: [...], fallback: null|"popularity"}
+                      exclude_history: true, exclude?: [raw ids], head?: "retrieval"|"generative", beam?: 50,
+                      domain?: one of config.json domains (required when the export needs one: engine.py)}
+                  -> {items: [{id, score, title}], model, took_ms, warnings: [...], fallback: null|"popularity",
+                      domain (echoed when the request named one or the export requires it)}
     POST /search     {query, history?: [raw ids], history_queries?: [str|null], ...every /recommend field}
                   -> the /recommend answer + query_known (501: a model without query tokens; 503: --no-search)
     GET  /health, /ready, /items/{id}, /metrics (Prometheus text)
@@ -54,6 +56,7 @@ def request_models(cfg: ServeConfig):
         exclude: list[RawId] = Field(default_factory=list, max_length=cfg.max_history)
         head: Literal["retrieval", "generative"] = "retrieval"
         beam: StrictInt = 50
+        domain: StrictStr | None = None
 
     class SearchRequest(RecommendRequest):  # every /recommend field, the same limits
         query: StrictStr
@@ -184,10 +187,11 @@ def make_app(rec: Recommender, cfg: ServeConfig, searcher: Searcher | None = Non
     async def lifespan(app):
         batcher.start()
         first = int(exp.popular[0]) if len(exp.popular) else 1
-        history = [exp.items[first - 1]["item_id"]]
-        await batcher.submit(rec.prepare(history, k=1))  # first call compiles/warms
+        history, domain = [exp.items[first - 1]["item_id"]], exp.domains[0] if rec.domain_required else None
+        await batcher.submit(rec.prepare(history, k=1, domain=domain))  # first call compiles/warms
         if searcher is not None:  # the eager model and (for a text model) the encoder's first call
-            await batcher.submit(searcher.prepare("warm-up" if searcher.encoder else exp.queries[1], history, k=1))
+            query = "warm-up" if searcher.encoder else exp.queries[1]
+            await batcher.submit(searcher.prepare(query, history, k=1, domain=domain))
         state["ready"] = True
         yield
         state["ready"] = False
@@ -211,13 +215,16 @@ def make_app(rec: Recommender, cfg: ServeConfig, searcher: Searcher | None = Non
         except RequestError as e:
             return JSONResponse({"detail": [{"loc": ["body", e.field_name], "msg": str(e)}]}, status_code=422)
         answer = await batcher.submit(prepared)
-        return JSONResponse(answer_body(answer, prepared, t0))  # no jsonable_encoder pass
+        return JSONResponse(answer_body(answer, prepared, t0, req.domain))  # no jsonable_encoder pass
 
-    def answer_body(answer, prepared, t0: float) -> dict:
+    def answer_body(answer, prepared, t0: float, domain: str | None) -> dict:
         items = [dict(id=exp.items[i - 1]["item_id"], score=s, title=exp.items[i - 1].get("title"))
                  for i, s in answer.hits]
-        return dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
+        body = dict(items=items, model=exp.model_id, took_ms=round((time.perf_counter() - t0) * 1000, 3),
                     warnings=prepared.warnings, fallback=answer.fallback)
+        if domain is not None or rec.domain_required:
+            body["domain"] = exp.domains[prepared.domain]
+        return body
 
     @app.post("/search")
     async def search(req: SearchRequest):
@@ -230,7 +237,7 @@ def make_app(rec: Recommender, cfg: ServeConfig, searcher: Searcher | None = Non
         except RequestError as e:
             return JSONResponse({"detail": [{"loc": ["body", e.field_name], "msg": str(e)}]}, status_code=422)
         answer = await batcher.submit(prepared)
-        return JSONResponse(dict(answer_body(answer, prepared, t0), query_known=prepared.query_known))
+        return JSONResponse(dict(answer_body(answer, prepared, t0, req.domain), query_known=prepared.query_known))
 
     @app.get("/health")
     async def health():

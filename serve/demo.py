@@ -30,7 +30,11 @@ def demo_request(export: Path) -> dict:
     domain = items[0]["domain"]
     top = sorted((r for r in items if r["domain"] == domain), key=lambda r: -r["train_count"])[:5]
     now = int(time.time())
-    return dict(history=[r["item_id"] for r in top], timestamps=[now - 3600 * (5 - i) for i in range(5)], k=5)
+    body = dict(history=[r["item_id"] for r in top], timestamps=[now - 3600 * (5 - i) for i in range(5)], k=5)
+    config = json.loads((export / "config.json").read_text())
+    if domain in config["domains"] and (config.get("num_domains", 1) > 1 or config.get("within_domain")):
+        body["domain"] = domain  # the export needs (or ranks by) the request's domain
+    return body
 
 
 def demo_search(export: Path, body: dict) -> dict | None:

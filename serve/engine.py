@@ -11,6 +11,12 @@ exclusions, so batching never changes an answer (tests/test_serve.py checks batc
 as one `run` call in a worker thread, so the event loop keeps accepting requests meanwhile.
 /search (serve/search.py) reuses `prepare_events` (the history checks and repairs) and `rank` (top-k
 from states), with its own eager forward pass: `encoder` ('program', 'aoti') applies to /recommend only.
+
+Domains: a request may name its `domain` (one of config.json `domains`); an export whose model has
+per-domain parameters (num_domains > 1), or that ranks within domains over several, requires it. The
+domain id goes to the model per sequence (program input `domains`, or the jagged batch's `domain`), so one
+micro-batch mixes domains. With `within_domain`, a request never gets an item of another domain (an item
+whose items.jsonl `domain` is set and is not the request's domain's name).
 """
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -54,6 +60,7 @@ class Prepared:
     head: str = "retrieval"
     beam: int = 50
     warnings: list[str] = field(default_factory=list)
+    domain: int = 0  # index into config.json domains (0 when the request named none)
 
 
 @dataclass
@@ -70,6 +77,14 @@ def _known(exp: Export, raw: list) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.asarray(keep, dtype=np.int64), np.asarray([dense[i] for i in keep], dtype=np.int64), unknown
 
 
+def _other_domain_items(exp: Export) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per domain id: the items of another domain (items.jsonl `domain` set and not this domain's name; an
+    item of several domains has none and stays) as a (I+1,) bool mask and their sorted dense ids."""
+    dom = np.array([""] + [r.get("domain") or "" for r in exp.items], dtype=object)  # (I+1,), row 0 padding
+    masks = [(dom != "") & (dom != name) for name in exp.domains]
+    return [(m, np.flatnonzero(m)) for m in masks]
+
+
 class Recommender:
     def __init__(self, exp: Export, encoder: str = "program", index: str = "exact", **index_kw):
         if encoder not in ENCODERS:
@@ -82,12 +97,16 @@ class Recommender:
         self.num_servable = int(exp.servable.sum())
         self.time_bias = bool(exp.config["model"]["time_bias"])
         self.ranks = not exp.config["has_timestamps"]  # timestamps are chronological ranks
+        self.domain_required = exp.num_domains > 1 or (exp.within_domain and len(exp.domains) > 1)
+        self.elsewhere = _other_domain_items(exp) if exp.within_domain else None  # per domain: (mask, ids)
 
     # ---- one request -> dense inputs ------------------------------------------------------------------
     def prepare(self, history: list, timestamps: list[int] | None = None, now: int | None = None,
                 actions: list[int] | None = None, k: int = 10, exclude_history: bool = True,
-                exclude: list | None = None, head: str = "retrieval", beam: int = 50) -> Prepared:
-        p, _ = self.prepare_events(history, timestamps, now, actions, k, exclude_history, exclude, head, beam)
+                exclude: list | None = None, head: str = "retrieval", beam: int = 50,
+                domain: str | None = None) -> Prepared:
+        p, _ = self.prepare_events(history, timestamps, now, actions, k, exclude_history, exclude, head, beam,
+                                   domain)
         if len(p.items) > self.exp.max_len:
             n = self.exp.max_len
             p.warnings.append(f"history has {len(p.items)} known items; the most recent {n} (max_len) are used")
@@ -96,11 +115,12 @@ class Recommender:
 
     def prepare_events(self, history: list, timestamps: list[int] | None = None, now: int | None = None,
                        actions: list[int] | None = None, k: int = 10, exclude_history: bool = True,
-                       exclude: list | None = None, head: str = "retrieval", beam: int = 50
-                       ) -> tuple[Prepared, np.ndarray]:
+                       exclude: list | None = None, head: str = "retrieval", beam: int = 50,
+                       domain: str | None = None) -> tuple[Prepared, np.ndarray]:
         """The checks and repairs /recommend and /search share -> (Prepared with the whole known history,
         not yet cut to max_len; positions in `history` of the known items)."""
         exp, warnings = self.exp, []
+        d = self.domain_id(domain)
         for name, seq in (("timestamps", timestamps), ("actions", actions)):
             if seq is not None and len(seq) != len(history):
                 raise RequestError(name, f"{name} has {len(seq)} entries, history has {len(history)}")
@@ -117,7 +137,24 @@ class Recommender:
         _, excluded, _ = _known(exp, exclude or [])
         if exclude_history:  # every known item sent, not only the max_len the model reads ('full' rule)
             excluded = np.concatenate([excluded, items])
-        return Prepared(items, ts, acts, now, np.unique(excluded), k, head, beam, warnings), keep
+        excluded = np.unique(excluded)
+        if self.elsewhere is not None:  # + the other domains' items (precomputed; disjoint from the rest)
+            mask, ids = self.elsewhere[d]
+            excluded = np.concatenate([excluded[~mask[excluded]], ids])
+        return Prepared(items, ts, acts, now, excluded, k, head, beam, warnings, domain=d), keep
+
+    def domain_id(self, name: str | None) -> int:
+        """A request's `domain` name -> its id (the index in config.json domains; 0 when none is sent).
+        RequestError('domain') when it is unknown, or missing where this export needs one."""
+        names = self.exp.domains
+        if name is None:
+            if self.domain_required:
+                why = "has per-domain parameters" if self.exp.num_domains > 1 else "ranks within domains"
+                raise RequestError("domain", f"this model {why}: send \"domain\", one of {names}")
+            return 0
+        if name not in names:
+            raise RequestError("domain", f"unknown domain {name!r}; this model's domains are {names}")
+        return names.index(name)
 
     def _check_k(self, k: int, head: str, beam: int) -> None:
         if not 1 <= k <= self.num_servable:
@@ -165,10 +202,12 @@ class Recommender:
             cols["actions"][b, :n] = torch.from_numpy(r.actions)
             cols["timestamps"][b, :n] = torch.from_numpy(r.timestamps)
             cols["next_timestamps"][b, :n] = torch.from_numpy(np.append(r.timestamps[1:], r.now))
+        domains = torch.tensor([r.domain for r in reqs], dtype=torch.int64)  # (B,) may mix domains
         if self.program is not None:
-            return self.program(*(cols[k] for k in ENCODE_INPUTS[:-1]), lengths)
+            extra = (domains,) if self.exp.program_takes_domains else ()
+            return self.program(*(cols[k] for k in ENCODE_INPUTS[:-1]), lengths, *extra)
         batch = jagged_from_padded(*(cols[k] for k in ENCODE_INPUTS[:-1]), lengths)
-        return self.exp.model(batch, last_only=True)
+        return self.exp.model(replace(batch, domain=domains), last_only=True)
 
     def run(self, reqs: list[Prepared]) -> list[Answer]:
         answers: list[Answer | None] = [None] * len(reqs)

@@ -8,7 +8,9 @@ config.json's model config has known keys; the weights load strictly into the mo
 item index and items.jsonl.gz agree with the config's catalogue size; a model with query tokens has its
 query vocabulary (queries.json) and, when it reads query text, the text encoder's record in config.json
 (`query_encoder`: folder, sha256, max_length, dim; serve/search.py checks the installed encoder against
-it). Never imports train/ or DeepSpeed.
+it); `num_domains` (the model's per-domain parameter sets: 1, or one per name in `domains`) fits the
+weights, and program.pt2 takes `domains` exactly when the model has per-domain parameters. Never imports
+train/ or DeepSpeed.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from safetensors.torch import load_file
 
 from configs.provenance import file_sha256
 from configs.schema import ModelConfig
-from model.seqrec import SeqRecModel, model_from_state
+from model.seqrec import ENCODE_INPUTS, SeqRecModel, model_from_state
 
 FORMAT, FORMAT_VERSION = "unirec-export", 1
 REQUIRED = ("model.safetensors", "config.json", "items.jsonl.gz", "item_index.safetensors", "program.pt2",
@@ -73,6 +75,26 @@ class Export:
     def query_encoder(self) -> dict | None:
         """config.json's text encoder record when the model reads query text (query_repr text / id+text)."""
         return self.config.get("query_encoder")
+
+    @property
+    def domains(self) -> list[str]:
+        """Domain names; a request's `domain` is one of them, its id the name's index."""
+        return list(self.config["domains"])
+
+    @property
+    def num_domains(self) -> int:
+        """Per-domain parameter sets of the model (1: one model for every domain, e.g. a merged export)."""
+        return int(self.config.get("num_domains", 1))
+
+    @property
+    def within_domain(self) -> bool:
+        """Serve a domain's request only items of that domain (the run's eval.within_domain)."""
+        return bool(self.config.get("within_domain", False))
+
+    @property
+    def program_takes_domains(self) -> bool:
+        """program.pt2's last input is domains (B,) int64 (a model with per-domain parameters)."""
+        return "domains" in self.config["program_inputs"]
 
     def load_program(self, kind: str = "program"):
         """The compiled encoder: 'program' (torch.export, program.pt2) or 'aoti' (program_aoti.pt2)."""
@@ -165,6 +187,26 @@ def _load_queries(path: Path, record: dict, config: dict, model: SeqRecModel) ->
     return strings
 
 
+def _num_domains(path: Path, config: dict) -> int:
+    """config.json's num_domains (1 when absent: an export from before per-domain models), checked."""
+    names, num = config["domains"], config.get("num_domains", 1)
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ExportLoadError(f"{path / 'config.json'}: domains must be a non-empty list of names, got {names!r}")
+    if not isinstance(num, int) or num not in (1, len(names)):
+        raise ExportLoadError(f"{path / 'config.json'}: num_domains must be 1 or len(domains) = {len(names)}, "
+                              f"got {num!r}")
+    return num
+
+
+def _check_program_inputs(path: Path, config: dict, model: SeqRecModel) -> None:
+    """program.pt2 takes domains exactly when the model has per-domain parameters."""
+    per_domain = bool(model.adapted) or model.domain_emb is not None
+    want = list(ENCODE_INPUTS) + (["domains"] if per_domain else [])
+    if config["program_inputs"] != want:
+        raise ExportLoadError(f"{path / 'config.json'}: program_inputs {config['program_inputs']} for a model "
+                              f"{'with' if per_domain else 'without'} per-domain parameters; expected {want}")
+
+
 def load_export(path: str | Path) -> Export:
     """Verify and load an export folder (see the module docstring)."""
     path = Path(path)
@@ -172,11 +214,13 @@ def load_export(path: str | Path) -> Export:
     verify_files(path, record)
     config = _read_json(path / "config.json")
     cfg = _model_config(path, config)
+    facts = {**config, "num_domains": _num_domains(path, config)}
     try:
         state = load_file(path / "model.safetensors")
-        model = model_from_state(cfg, config, state)
+        model = model_from_state(cfg, facts, state)
     except (RuntimeError, ValueError, KeyError) as e:
         raise ExportLoadError(f"{path / 'model.safetensors'} does not fit config.json's model: {e}") from e
+    _check_program_inputs(path, config, model)
     index = load_file(path / "item_index.safetensors")
     table, servable = index.get("items"), index.get("servable")
     I, D = int(config["num_items"]), int(config["dim"])

@@ -18,7 +18,8 @@ start-up and refused unless its files hash to config.json's `query_encoder.encod
 model (query_repr 'id') has no representation for an unknown string: its /search answers 422.
 
 Search runs the eager jagged model: program.pt2 (torch.export of `encode_padded`) encodes item-only
-histories and has no query inputs, so the `encoder` setting applies to /recommend only.
+histories and has no query inputs, so the `encoder` setting applies to /recommend only. A request's
+`domain` is checked as /recommend's (`Recommender.domain_id`) and becomes its sequence's batch `domain`.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class SearchPrepared:
     beam: int
     query_known: bool
     warnings: list[str] = field(default_factory=list)
+    domain: int = 0  # index into config.json domains
 
 
 class Searcher:
@@ -107,13 +109,14 @@ class Searcher:
     def prepare(self, query: str, history: list = (), history_queries: list | None = None,
                 timestamps: list[int] | None = None, now: int | None = None, actions: list[int] | None = None,
                 k: int = 10, exclude_history: bool = True, exclude: list | None = None, head: str = "retrieval",
-                beam: int = 50) -> SearchPrepared:
+                beam: int = 50, domain: str | None = None) -> SearchPrepared:
         history, warnings = list(history), []
         text = self._clean(query, "query", warnings)
         if history_queries is not None and len(history_queries) != len(history):
             raise RequestError("history_queries", f"history_queries has {len(history_queries)} entries, history "
                                                   f"has {len(history)} (null for an event that was not a search)")
-        p, keep = self.rec.prepare_events(history, timestamps, now, actions, k, exclude_history, exclude, head, beam)
+        p, keep = self.rec.prepare_events(history, timestamps, now, actions, k, exclude_history, exclude, head, beam,
+                                          domain)
         p.warnings[:0] = warnings
         warnings = p.warnings
         if text not in self.exp.query_of and self.text is None:
@@ -126,7 +129,8 @@ class Searcher:
             searched = np.array([q is not None for q in past], dtype=bool)
             p.actions = np.where(searched, schema.ACTION_SEARCH_CLICK, schema.ACTION_INTERACT).astype(np.int64)
         tokens, texts = self._tokens(p, past, text)
-        return SearchPrepared(tokens, texts, p.exclude, k, head, beam, text in self.exp.query_of, warnings)
+        return SearchPrepared(tokens, texts, p.exclude, k, head, beam, text in self.exp.query_of, warnings,
+                              domain=p.domain)
 
     def _clean(self, query: str, name: str, warnings: list[str]) -> str:
         text = query.strip()
@@ -177,7 +181,7 @@ class Searcher:
     @torch.no_grad()
     def encode(self, reqs: list[SearchPrepared]) -> torch.Tensor:
         """(B, D) states at each request's query token, one eager jagged forward pass."""
-        batch = collate([dict(r.tokens, domain=0, user=0) for r in reqs])
+        batch = collate([dict(r.tokens, domain=r.domain, user=0) for r in reqs])  # batch.domain: (B,) mixed
         if self.text is not None:  # the text path reads these rows: stored ones, and encoded unknown queries
             vecs = self.text[batch.query_ids]  # (L, H), a copy; row 0 (item tokens) zeros
             start = 0

@@ -15,6 +15,9 @@ card) and export.json (provenance + sha256 of every file).
 
     python -m train export --run runs/ml1m_hstu --out exports/ml1m_hstu
     python -m serve --export exports/ml1m_hstu --port 8000
+
+A model with per-domain parameters (model.adapters=mlora, model.domain_embedding) exports every domain (requests
+then name theirs); --merge-domain NAME exports one domain's model instead, its adapters folded into the weights.
 """
 
 
@@ -56,6 +59,8 @@ def main(argv=None) -> int:
     e.add_argument("--aoti", action="store_true",
                    help="also compile program.pt2 with AOTInductor (program_aoti.pt2; needs a C++ compiler, minutes)")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    e.add_argument("--merge-domain", default=None, metavar="NAME",
+                   help="export only domain NAME's model: its MLoRA adapters merged into W, its domain embedding row")
     a = sub.add_parser("adapt", help="freeze a pretrained run's backbone and train per-domain MLoRA adapters",
                        description=ADAPT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--base", required=True, help="pretrained run directory (config.json, metrics.json, ckpt/best)")
@@ -79,7 +84,8 @@ def main(argv=None) -> int:
         from train.export import ExportError
         from train.export import main as export
         try:
-            rec = export(args.run, args.out, args.tag, args.dtype, args.aoti, args.overwrite)
+            rec = export(args.run, args.out, args.tag, args.dtype, args.aoti, args.overwrite,
+                         merge_domain_name=args.merge_domain)
         except (ConfigError, ExportError, FileNotFoundError) as err:
             return input_error(err)
         print(f"exported {args.run} ({args.tag}, epoch {rec['best_epoch']}) -> {args.out}: {len(rec['files'])} files, "

@@ -10,10 +10,15 @@ semantic IDs, training counts) -> OUT/
     item_index.safetensors  "items" (I+1, D): the unit-norm table the retrieval head scores; "servable" (I+1,)
     semantic_ids/           codes + codebook, when the shards have them (the trie is built from the codes)
     queries.json            with query tokens: the query vocabulary, index = query id (0 = ""), for /search
-    program.pt2             torch.export of the encoder (padded histories -> last state), dynamic B and N
+    program.pt2             torch.export of the encoder (padded histories [+ domains (B,)] -> last state), dynamic B, N
     program_aoti.pt2        with --aoti: the same program compiled by AOTInductor
     README.md               model card
     export.json             provenance + sha256 of every other file (serve.load_export verifies them all)
+
+A model with per-domain parameters (MLoRA adapters, a domain embedding) exports them all: program.pt2 then
+takes each sequence's domain id, config.json names the domains (`domains`, `num_domains`). With
+--merge-domain NAME the export is that one domain's model instead: its adapters folded into W (no adapter
+cost at serving), its domain embedding row alone (train/export_merge.py).
 
 The folder is written as OUT.partial and swapped into place only when complete and verified.
 """
@@ -24,7 +29,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +48,7 @@ from train.baselines import item_counts
 from train.engine import consolidated_state_dict
 
 FORMAT, FORMAT_VERSION = "unirec-export", 1
-PROGRAM_INPUTS = ENCODE_INPUTS
+PROGRAM_INPUTS = ENCODE_INPUTS  # a model without per-domain parameters; program_inputs(model) in general
 TOLERANCE = 1e-5  # max |program - eager| on unit-norm states, checked at export time
 
 
@@ -51,19 +56,33 @@ class ExportError(RuntimeError):
     """The run cannot be exported as asked (missing checkpoint, program differs from eager, ...)."""
 
 
+def per_domain(model: SeqRecModel) -> bool:
+    """The model has per-domain parameters (MLoRA adapters or a domain embedding): it reads domain ids."""
+    return bool(model.adapted) or model.domain_emb is not None
+
+
+def program_inputs(model: SeqRecModel) -> tuple[str, ...]:
+    """program.pt2's inputs, in order: ENCODE_INPUTS, + domains (B,) for a model with per-domain parameters."""
+    return ENCODE_INPUTS + ("domains",) if per_domain(model) else ENCODE_INPUTS
+
+
 class Encoder(torch.nn.Module):
-    """What program.pt2 holds: right-padded histories (B, N) int64 + lengths (B,) -> last states (B, D)."""
+    """What program.pt2 holds: right-padded histories (B, N) int64 + lengths (B,) [+ domains (B,) int64,
+    for a model with per-domain parameters] -> last states (B, D)."""
 
     def __init__(self, model: SeqRecModel):
         super().__init__()
         self.model = model
 
-    def forward(self, item_ids, actions, timestamps, next_timestamps, lengths):
-        return self.model.encode_padded(item_ids, actions, timestamps, next_timestamps, lengths)
+    def forward(self, item_ids, actions, timestamps, next_timestamps, lengths, domains=None):
+        return self.model.encode_padded(item_ids, actions, timestamps, next_timestamps, lengths, domains)
 
 
-def random_histories(num_items: int, max_len: int, lengths: list[int], gen: torch.Generator) -> dict:
-    """Right-padded random histories with the given lengths: the padded tensors and the jagged batch."""
+def random_histories(num_items: int, max_len: int, lengths: list[int], gen: torch.Generator,
+                     num_domains: int = 0) -> dict:
+    """Right-padded random histories with the given lengths: the padded tensors and the jagged batch.
+    num_domains > 0: also random domain ids (B,) `domains`, mixed (min(B, num_domains) distinct ones),
+    set as the batch's `domain`; drawn last, so the histories are those of num_domains = 0."""
     B, N = len(lengths), max(lengths)
     lens = torch.tensor(lengths)
     valid = torch.arange(N)[None, :] < lens[:, None]  # (B, N)
@@ -75,6 +94,10 @@ def random_histories(num_items: int, max_len: int, lengths: list[int], gen: torc
     nts = nts * valid
     padded = dict(item_ids=ids, actions=acts, timestamps=ts, next_timestamps=nts, lengths=lens)
     batch = jagged_from_padded(ids, acts, ts, nts, lens)
+    if num_domains > 0:
+        shift = torch.randint(0, num_domains, (1,), generator=gen)
+        padded["domains"] = (torch.randperm(B, generator=gen) + shift) % num_domains  # (B,)
+        batch = replace(batch, domain=padded["domains"])
     return dict(padded=padded, batch=batch)
 
 
@@ -86,13 +109,14 @@ def check_lengths(max_len: int, gen: torch.Generator) -> list[list[int]]:
 
 @torch.no_grad()
 def verify_program(program, model: SeqRecModel, num_items: int, max_len: int, seed: int = 0) -> float:
-    """Max |program(padded) - model(jagged, last_only)| over random histories of lengths 1..max_len;
-    raises ExportError above TOLERANCE."""
+    """Max |program(padded) - model(jagged, last_only)| over random histories of lengths 1..max_len (and,
+    for a model with per-domain parameters, random mixed domains); raises ExportError above TOLERANCE."""
     gen, worst = torch.Generator().manual_seed(seed), 0.0
+    inputs, num_domains = program_inputs(model), model.num_domains if per_domain(model) else 0
     for lengths in check_lengths(max_len, gen):
-        h = random_histories(num_items, max_len, lengths, gen)
+        h = random_histories(num_items, max_len, lengths, gen, num_domains)
         want = model(h["batch"], last_only=True)
-        got = program(*(h["padded"][k] for k in PROGRAM_INPUTS))
+        got = program(*(h["padded"][k] for k in inputs))
         worst = max(worst, float((got - want).abs().max()))
         if not worst <= TOLERANCE:  # NaN fails too
             raise ExportError(f"the exported program differs from the eager model by {worst:.3g} (> {TOLERANCE}) "
@@ -101,14 +125,16 @@ def verify_program(program, model: SeqRecModel, num_items: int, max_len: int, se
 
 
 def export_program(model: SeqRecModel, max_len: int):
-    """torch.export of Encoder(model), dynamic in batch size (1..4096) and history length (1..max_len)."""
+    """torch.export of Encoder(model), dynamic in batch size (1..4096) and history length (1..max_len);
+    a model with per-domain parameters takes domains (B,) as the last input."""
     from torch.export import Dim
+    inputs = program_inputs(model)
     h = random_histories(model.embed.item.num_items, max_len, [min(3, max_len), min(5, max_len), 2],
-                         torch.Generator().manual_seed(1))
+                         torch.Generator().manual_seed(1), model.num_domains if per_domain(model) else 0)
     B, N = Dim("batch", min=1, max=4096), Dim("history", min=1, max=max_len)
-    dyn = {k: {0: B, 1: N} for k in PROGRAM_INPUTS[:-1]} | {"lengths": {0: B}}
+    dyn = {k: {0: B, 1: N} for k in ENCODE_INPUTS[:-1]} | {k: {0: B} for k in inputs[len(ENCODE_INPUTS) - 1:]}
     with torch.no_grad():
-        return torch.export.export(Encoder(model), tuple(h["padded"][k] for k in PROGRAM_INPUTS), dynamic_shapes=dyn)
+        return torch.export.export(Encoder(model), tuple(h["padded"][k] for k in inputs), dynamic_shapes=dyn)
 
 
 @torch.no_grad()
@@ -123,6 +149,7 @@ def item_table(model: SeqRecModel, chunk: int = 65536) -> torch.Tensor:
 def item_rows(shards: Path, manifest: dict, servable: np.ndarray, counts: np.ndarray) -> list[dict]:
     """items.jsonl.gz rows from the shard catalog (every dense id 1..I, cold items included)."""
     maps, cold = manifest["id_maps"], set(cold_items(manifest).tolist())
+    item_domain = manifest.get("item_domain")  # (I+1,) top-level, -1 = an item of several domains
     catalog = {}
     path = shards / manifest.get("catalog", "catalog.jsonl.gz")
     if path.exists():
@@ -132,23 +159,28 @@ def item_rows(shards: Path, manifest: dict, servable: np.ndarray, counts: np.nda
     out = []
     for i in range(1, manifest["vocab"]["num_items"] + 1):
         row = catalog.get(i, {})
-        dom = maps["item_domain"][i] if "item_domain" in maps else -1
+        dom = item_domain[i] if item_domain is not None else -1
         out.append(dict(id=i, item_id=maps["items"][i], domain=row.get("domain", domains[dom] if dom >= 0 else None),
                         title=row.get("title") or None, cold=i in cold, servable=bool(servable[i]),
                         train_count=int(counts[i])))
     return out
 
 
-def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel, query_encoder: dict | None = None) -> dict:
-    v = manifest["vocab"]
-    return dict(format=FORMAT, format_version=FORMAT_VERSION, model=asdict(cfg.model), max_len=cfg.data.max_len,
-                num_items=v["num_items"], num_queries=v["num_queries"], dim=cfg.model.dim,
+def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel, query_encoder: dict | None = None,
+               domains: list[str] | None = None) -> dict:
+    """config.json. The model config is the exported model's (a merged one has adapters 'none'); `domains`:
+    the names its domain ids index (default: the shard set's); num_domains: how many per-domain parameter
+    sets the model has (1 for a model without any: one model serves every domain)."""
+    v, m = manifest["vocab"], model.cfg
+    return dict(format=FORMAT, format_version=FORMAT_VERSION, model=asdict(m), max_len=cfg.data.max_len,
+                num_items=v["num_items"], num_queries=v["num_queries"], dim=m.dim,
                 level_sizes=model.embed.item.level_sizes, has_timestamps=manifest.get("has_timestamps", True),
-                dataset=manifest["dataset"], domains=manifest["id_maps"]["domains"],
-                exclude_history=cfg.eval.exclude_history, program_inputs=list(PROGRAM_INPUTS),
+                dataset=manifest["dataset"], domains=domains or manifest["id_maps"]["domains"],
+                num_domains=model.num_domains if per_domain(model) else 1, within_domain=cfg.eval.within_domain,
+                exclude_history=cfg.eval.exclude_history, program_inputs=list(program_inputs(model)),
                 timestamps=("unix seconds" if manifest.get("has_timestamps", True) else
                             "per-user chronological ranks 0, 1, 2, ... (the source has no times)"),
-                query_repr=cfg.model.query_repr if v["num_queries"] else None, query_encoder=query_encoder)
+                query_repr=m.query_repr if v["num_queries"] else None, query_encoder=query_encoder)
 
 
 QUERY_ENCODER_KEYS = ("encoder", "encoder_sha256", "max_length", "dim", "bf16")  # from content/queries.json
@@ -187,8 +219,9 @@ def write_json(path: Path, obj) -> None:
 
 
 def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32", aoti: bool = False,
-         overwrite: bool = False, command: str | None = None) -> dict:
-    """Export run/ckpt/<tag> to `out`; returns export.json's content."""
+         overwrite: bool = False, command: str | None = None, merge_domain_name: str | None = None) -> dict:
+    """Export run/ckpt/<tag> to `out`; returns export.json's content. merge_domain_name: export that
+    domain's single-domain model (--merge-domain)."""
     run, out = Path(run), Path(out)
     # ---- the run: config, metrics, weights of any ZeRO stage ------------------------------------------
     if dtype not in ("fp32", "bf16"):
@@ -209,8 +242,14 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
         raise ExportError(f"{shards} is not the shard set the run trained on (manifest hash "
                           f"{manifest['content_hash'][:12]} vs the run's {str(metrics.get('manifest_hash'))[:12]})")
     facts = dict(num_items=manifest["vocab"]["num_items"], num_queries=manifest["vocab"]["num_queries"],
-                 max_len=cfg.data.max_len, level_sizes=(manifest.get("semantic_ids") or {}).get("level_sizes"))
+                 max_len=cfg.data.max_len, level_sizes=(manifest.get("semantic_ids") or {}).get("level_sizes"),
+                 num_domains=manifest["vocab"].get("num_domains", 1))  # as build_model built it for training
     model = model_from_state(cfg.model, facts, state)
+    domains, merge_diff = manifest["id_maps"]["domains"], None
+    if merge_domain_name is not None:
+        from train.export_merge import merge_domain
+        model, merge_diff = merge_domain(model, facts, domains, merge_domain_name)
+        domains = [merge_domain_name]
 
     # ---- the program, checked against the eager model -------------------------------------------------
     tmp = out.parent / f".{out.name}.partial"
@@ -247,7 +286,7 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
     if manifest.get("semantic_ids"):
         shutil.copytree(shards / manifest["semantic_ids"]["path"], tmp / "semantic_ids")
     query_encoder = write_queries(shards, manifest, model, tmp)
-    facts = data_facts(cfg, manifest, model, query_encoder)
+    facts = data_facts(cfg, manifest, model, query_encoder, domains)
     write_json(tmp / "config.json", facts)
     created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record = dict(format=FORMAT, format_version=FORMAT_VERSION, created=created,
@@ -256,6 +295,7 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
                   dataset=manifest["dataset"], test=metrics.get("test"), test_generative=metrics.get("test_generative"),
                   command=command or " ".join(["python -m train export"] + sys.argv[2:]), dtype=dtype,
                   program_max_abs_diff=program_diff, aoti_max_abs_diff=aoti_diff,
+                  merged_domain=merge_domain_name, merge_max_abs_diff=merge_diff,
                   export_seconds=round(export_s, 1))
     (tmp / "README.md").write_text(model_card(record, facts, servable))
     record["files"] = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
@@ -296,10 +336,35 @@ or serve it: `python -m serve --export DIR --port 8000`.
 ## Request format
 `POST /recommend {{"history": ["<raw item id>", ...], "timestamps": [<unix s>, ...], "k": 10}}`
 -> `{{"items": [{{"id": ..., "score": ..., "title": ...}}], "model": ..., "took_ms": ..., "warnings": [...]}}`.
-{search_card(facts)}`program.pt2` inputs (torch.export, dynamic batch and history length):
-{', '.join(facts['program_inputs'])}: right-padded (B, N) int64 histories and lengths (B,) -> (B, {m['dim']})
-unit-norm item-only states.
+{domain_card(rec, facts)}{search_card(facts)}`program.pt2` inputs (torch.export, dynamic batch and history length):
+{', '.join(facts['program_inputs'])}: right-padded (B, N) int64 histories and lengths (B,){domain_inputs(facts)}
+-> (B, {m['dim']}) unit-norm item-only states.
 """
+
+
+def domain_inputs(facts: dict) -> str:
+    if "domains" not in facts["program_inputs"]:
+        return ""
+    return " and domain ids (B,) int64, indices into config.json `domains`"
+
+
+def domain_card(rec: dict, facts: dict) -> str:
+    """The model card's paragraph on the request's `domain` field (empty when a model serves one domain)."""
+    names, m = facts["domains"], facts["model"]
+    only = (" Answers hold only items of the request's domain (within_domain: another domain's items are "
+            "excluded).") if facts.get("within_domain") else ""
+    if facts.get("num_domains", 1) > 1:
+        what = [f"{m['adapters']} adapters"] * (m["adapters"] != "none")
+        what += ["a domain embedding"] * bool(m["domain_embedding"])
+        return (f"Every request needs `\"domain\"`: one of {names} (the model has per-domain parameters: "
+                f"{' and '.join(what)}; a missing or unknown domain is a 422). One micro-batch may mix "
+                f"domains.{only}\n")
+    if rec.get("merged_domain"):
+        return (f"This is domain `{rec['merged_domain']}`'s model (its adapters merged into the weights): "
+                f"`\"domain\"` may be omitted, or must be `{rec['merged_domain']}`.{only}\n")
+    if only and len(names) > 1:
+        return f"Every request needs `\"domain\"`: one of {names}.{only}\n"
+    return ""
 
 
 def search_card(facts: dict) -> str:
