@@ -151,14 +151,15 @@ def save_config(cfg, path: str | Path):
 
 
 def field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field), read with `ast`."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """Attribute docstrings of a dataclass (the string literal under each field), read with `ast`; a
+    subclass (DistillConfig extends PretrainConfig) also gets its base classes' docs."""
     docs = {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
+    for c in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(c))).body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) \
+                    and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 

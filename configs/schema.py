@@ -458,6 +458,46 @@ class PretrainConfig:
 
 
 @dataclass
+class KDConfig:
+    """Distillation (train/distill.py): a frozen teacher run's rankings and states taught to the student."""
+
+    CHOICES: ClassVar[dict] = {"hidden_loss": ("mse", "cosine")}
+
+    teacher: str = ""
+    """Finished teacher run directory (config.json, metrics.json, ckpt/best); `--teacher` sets it. Its model
+    is built exactly as the run built it (adapters and query path included), frozen, in eval mode."""
+    labels: str = ""
+    """Folder written by `python -m train teacher-labels` (the teacher's top-K ids, logits and states per
+    training position); '' = online teacher forwards every step. Refused when it does not match the shards
+    (manifest hash) or this run's training examples (data.max_len, query_tokens, ...)."""
+    top_k: int = 100
+    """K: the teacher's K best items (over the items training may touch) join each position's candidate set."""
+    temperature: float = 1.0
+    """KD temperature T on both models' logits (cosine / loss.temperature); the KL is scaled by T^2."""
+    task_weight: float = 1.0
+    """Weight of the student's own task loss (the pretraining loss, unchanged)."""
+    kd_weight: float = 1.0
+    """Weight of the ranking distillation term KL(teacher || student) over the candidate set (teacher
+    top-K + the task loss's sampled negatives + the positive, duplicates counted once), at every position
+    with a target (query tokens included), weighted like the task loss (loss.rec_weight / search_weight)."""
+    hidden_weight: float = 0.0
+    """Weight of hidden-state alignment: a learned projection (student dim -> teacher dim; a training-only
+    layer that exports leave out) of the student's final state matched to the teacher's. 0 = off."""
+    hidden_loss: str = "mse"
+    """Hidden-state alignment distance: 'mse' (mean squared error over the teacher's dims) or 'cosine'
+    (1 - cosine similarity)."""
+
+
+@dataclass
+class DistillConfig(PretrainConfig):
+    """`python -m train distill`: every PretrainConfig key describes the student run (shards, data, model,
+    loss, train, eval; shards, data, loss and eval default to the teacher's) + the `distill` section."""
+
+    distill: KDConfig = field(default_factory=KDConfig)
+    """The teacher and the distillation loss."""
+
+
+@dataclass
 class ServeConfig:
     """`python -m serve`: an export folder behind an HTTP JSON API (serve/app.py)."""
 

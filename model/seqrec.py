@@ -149,6 +149,15 @@ def _add_adapters(blocks: nn.ModuleList, cfg: ModelConfig, num_domains: int) -> 
                                cfg.adapter_scale, cfg.adapter_dropout)
 
 
+TRAIN_ONLY = ("distill_align",)  # submodules training attaches to a model (train/distill.py), never served
+
+
+def serving_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights without training-only submodules (TRAIN_ONLY, e.g. distillation's alignment
+    projection): exactly what a SeqRecModel of the run's model config holds."""
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] not in TRAIN_ONLY}
+
+
 ENCODE_INPUTS = ("item_ids", "actions", "timestamps", "next_timestamps", "lengths")  # encode_padded's arguments
 
 

@@ -75,7 +75,8 @@ def test_saved_config_round_trips(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("**/*.yaml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_committed_yaml_files_load(path):
-    cls = {"pretrain": schema.PretrainConfig, "data": schema.PrepareConfig, "content": schema.ContentStageConfig}
+    cls = {"pretrain": schema.PretrainConfig, "data": schema.PrepareConfig, "content": schema.ContentStageConfig,
+           "distill": schema.DistillConfig}
     load_config(cls[path.parent.name], path)
 
 

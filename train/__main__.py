@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from configs.load import ConfigError, help_text, load_config
-from configs.schema import PretrainConfig
+from configs.schema import DistillConfig, PretrainConfig
 
 EXPORT_HELP = """Export a run: consolidate its checkpoint (any ZeRO stage) into one folder that serving loads:
 model.safetensors, config.json, items.jsonl.gz, item_index.safetensors, semantic_ids/ (when the model has
@@ -29,6 +29,61 @@ its adapter alone in run_dir/adapters/<domain>.safetensors. run_dir defaults to 
     python -m train adapt --base runs/ml1m_age_shared --domains age18_24,age25_34 --set model.adapter_alpha=8
     python -m train export --run runs/beauty_sports_shared_adapt --out exports/beauty_sports_mlora
 """
+
+
+DISTILL_HELP = """Distill a finished teacher run into a student of any model config: the student's own task loss +
+T^2 KL(teacher || student) over the teacher's top-K items, the sampled negatives and the positive at every
+position (search positions included) + optional hidden-state alignment. shards, data, loss and eval default
+to the teacher's; run_dir to <teacher>_distill. The run folder exports like any other.
+
+    python -m train distill --teacher runs/ml1m_hstu_large --config configs/distill/ml1m_large_to_small.yaml
+    python -m train teacher-labels --teacher runs/ml1m_hstu_large --out labels/ml1m_large \\
+        --config configs/distill/ml1m_large_to_small.yaml
+    python -m train distill --config configs/distill/ml1m_large_to_small.yaml --set distill.labels=labels/ml1m_large
+"""
+
+LABELS_HELP = """Run a teacher once over the train split (any number of ranks; each writes its part) and save its
+top-K ids, logits and states per training position with a hash of the shard manifest and of the loader
+settings that decide the examples; `distill --set distill.labels=DIR` then trains without the teacher.
+Pass the distillation config so the examples (data.max_len, ...) and distill.top_k are the run's.
+"""
+
+
+def _distill_args(p, labels: bool) -> None:
+    p.add_argument("--teacher", default=None,
+                   help="finished teacher run directory (config.json, metrics.json, ckpt/best)")
+    p.add_argument("--config", help="YAML with DistillConfig keys, e.g. configs/distill/synthetic.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key, e.g. --set distill.temperature=2 --set model.num_layers=1 (repeatable)")
+    if labels:
+        p.add_argument("--out", required=True, help="label folder to write, e.g. labels/ml1m_large")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing label folder")
+    else:
+        p.add_argument("--resume", action="store_true", help="continue from run_dir/ckpt/last")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _distill(args) -> int:
+    from data_pipeline.read_shards import ShardError
+    from data_pipeline.schema import DataError
+    from train.distill import distill_config
+    from train.loop import NonFiniteError
+    try:
+        cfg = distill_config(args.teacher, args.config, args.set)
+        if args.command == "teacher-labels":
+            from train.teacher_labels import main as write_labels
+            write_labels(cfg, args.out, args.overwrite)
+            return 0
+        from train.distill import main as distill
+        if args.resume:
+            cfg.resume = True
+        distill(cfg)
+    except (ConfigError, DataError, ShardError, FileNotFoundError) as e:
+        return input_error(e)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
 
 
 def input_error(e: Exception) -> int:
@@ -69,7 +124,16 @@ def main(argv=None) -> int:
     a.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key, e.g. --set model.adapter_alpha=8 --set train.lr=3e-3 (repeatable)")
     a.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    d = sub.add_parser("distill", help="a frozen teacher run -> a smaller student (KD + task loss)",
+                       description=DISTILL_HELP, epilog=help_text(DistillConfig),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _distill_args(d, labels=False)
+    t = sub.add_parser("teacher-labels", help="the teacher's top-K ids, logits and states per training position, once",
+                       description=LABELS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _distill_args(t, labels=True)
     args = p.parse_args(argv)
+    if args.command in ("distill", "teacher-labels"):
+        return _distill(args)
     if args.command == "adapt":
         from data_pipeline.read_shards import ShardError
         from train.adapt import base_config

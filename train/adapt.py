@@ -26,7 +26,7 @@ from configs.schema import PretrainConfig
 from data_pipeline.read_shards import load_manifest
 from model.items import load_item_features
 from model.lora import adapter_layers, domain_adapter_state, is_adapter_param, load_backbone, load_domain_adapter
-from model.seqrec import build_model
+from model.seqrec import build_model, serving_state
 from train import engine as E
 from train.loop import NonFiniteGuard, train_epoch
 from train.pretrain import make_logger, run_eval, seed_everything, train_candidates
@@ -115,7 +115,7 @@ def main(cfg: PretrainConfig, base: str | Path, domain_names: list[str] = ()) ->
     # ---- model: the base weights into the adapted model, backbone frozen, engine --------------------------
     model = build_model(cfg.model, manifest, cfg.data.max_len, load_item_features(cfg.shards, cfg.model))
     try:
-        load_backbone(model, E.consolidated_state_dict(base / "ckpt", "best"))
+        load_backbone(model, serving_state(E.consolidated_state_dict(base / "ckpt", "best")))
     except ValueError as e:  # a base of another model config: the user's to fix
         raise ConfigError(f"{base}: {e}") from e
     trainable = freeze_backbone(model, domains, len(names))

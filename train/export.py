@@ -43,7 +43,7 @@ from configs.schema import LoaderConfig, PretrainConfig
 from data_pipeline.atomic_dir import swap_into_place
 from data_pipeline.collate import jagged_from_padded
 from data_pipeline.read_shards import cold_items, load_manifest
-from model.seqrec import ENCODE_INPUTS, SeqRecModel, model_from_state
+from model.seqrec import ENCODE_INPUTS, SeqRecModel, model_from_state, serving_state
 from train.baselines import item_counts
 from train.engine import consolidated_state_dict
 
@@ -235,7 +235,7 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
     metrics = json.loads((run / "metrics.json").read_text())
     if not (run / "ckpt" / tag).is_dir():
         raise ExportError(f"no checkpoint {run / 'ckpt' / tag} (tags: best = the tested weights, last)")
-    state = consolidated_state_dict(run / "ckpt", tag)
+    state = serving_state(consolidated_state_dict(run / "ckpt", tag))  # a distilled run's align layer stays behind
     shards = Path(cfg.shards)
     manifest = load_manifest(shards)
     if manifest["content_hash"] != metrics.get("manifest_hash"):

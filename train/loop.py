@@ -27,7 +27,7 @@ from data_pipeline.collate import collate, make_loader
 from train import engine as E
 from train.losses import compute_loss
 
-LOSS_TERMS = ("retrieval", "generative")
+LOSS_TERMS = ("retrieval", "generative", "distill", "hidden")  # any a loss reports (absent = finite)
 
 
 class NonFiniteError(RuntimeError):
@@ -109,8 +109,12 @@ def _closing(bar):
 
 
 def train_epoch(eng, cfg: PretrainConfig, epoch: int, num_items: int, gen, dev, log, guard: NonFiniteGuard,
-                candidates: torch.Tensor | None) -> dict:
-    """One pass over the train split; returns the epoch's row for log.jsonl."""
+                candidates: torch.Tensor | None, loss_fn=None) -> dict:
+    """One pass over the train split; returns the epoch's row for log.jsonl. `loss_fn(eng, batch, real)
+    -> (loss, metrics)` replaces compute_loss (distillation adds the teacher; `real` is False on the
+    lock-step dummy batches, whose loss is multiplied by 0)."""
+    if loss_fn is None:
+        loss_fn = lambda eng, batch, real: compute_loss(eng, batch, cfg.loss, num_items, gen, candidates)
     eng.train()
     rank = E.rank()
     pad_item = 1 if candidates is None else int(candidates[0])
@@ -119,7 +123,7 @@ def train_epoch(eng, cfg: PretrainConfig, epoch: int, num_items: int, gen, dev, 
 
     def micro(batch, real: bool) -> bool:
         """Forward, backward and (at a boundary) step one micro-batch; True when an update was applied."""
-        loss, m = compute_loss(eng, batch.to(dev), cfg.loss, num_items, gen, candidates)
+        loss, m = loss_fn(eng, batch.to(dev), real)
         if not guard.loss_ok(m, epoch, eng):
             return False
         eng.backward(loss if real else loss * 0.0)  # a dummy only keeps the collectives matched

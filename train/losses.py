@@ -8,15 +8,21 @@ score its target item above negatives; logits are cosine similarities / temperat
 - optional in-batch negatives (the batch's other target items) with logQ correction;
 - full softmax over the catalogue for small catalogues.
 
+Distillation (`distill_loss`): the task loss above + T^2 KL(teacher || student) over each position's
+candidate set [teacher top-K | positive | the same sampled negatives] + optional hidden-state alignment;
+the teacher arrives as tensors (TeacherTargets), so the function stays pure.
+
 Item rows are fetched through the item embedding *module* call, so ZeRO-3's parameter gathering hooks
 fire and the same code runs at every ZeRO stage.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from configs.schema import LossConfig
+from configs.schema import KDConfig, LossConfig
 from data_pipeline.schema import TOKEN_QUERY
 from model.generative import generative_loss
 
@@ -68,28 +74,40 @@ def draw_items(shape, num_items: int, generator, device, candidates: torch.Tenso
     return candidates[torch.randint(0, candidates.numel(), shape, generator=generator, device=device)]
 
 
+def _rows_for(model, ids: torch.Tensor, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-norm item rows (U, D) and `ids` (any shape) as row indices into them: the whole table when the
+    ids are as many as the catalogue (normalising it costs less than unique()), else the distinct ids only."""
+    if ids.numel() >= num_items:
+        return _item_rows(model, torch.arange(num_items + 1, device=ids.device)), ids
+    uniq, inv = torch.unique(ids, return_inverse=True)
+    return _item_rows(model, uniq), inv.view(ids.shape)
+
+
+def candidate_logits(model, states, ids, num_items: int) -> torch.Tensor:
+    """(P, C) cosines <states[p], item ids[p, c]> of the model's own item table; states (P, D), ids (P, C)."""
+    emb, rows = _rows_for(model, ids, num_items)
+    return _PerPositionLogits.apply(states, emb, rows)
+
+
 def sampled_softmax_logits(states, targets, model, cfg: LossConfig, num_items: int, generator,
-                           candidates: torch.Tensor | None = None) -> torch.Tensor:
+                           candidates: torch.Tensor | None = None, neg: torch.Tensor | None = None) -> torch.Tensor:
     """(P, 1 + R [+ U]) logits, column 0 = the positive. states (P, D), targets (P,); negatives are drawn
-    from `candidates` (W,) when given, else from all items."""
+    from `candidates` (W,) when given, else from all items; `neg` passes the draws in instead ((R,) with
+    shared_negatives, else (P, R); distillation scores the same negatives with the teacher)."""
     P, R = targets.numel(), cfg.num_negatives
     dev = targets.device
     if cfg.shared_negatives:
-        neg = draw_items((R,), num_items, generator, dev, candidates)  # (R,)
+        neg = draw_items((R,), num_items, generator, dev, candidates) if neg is None else neg  # (R,)
         ids, inv = torch.unique(torch.cat([targets, neg]), return_inverse=True)
         emb = _item_rows(model, ids)  # (C, D)
         pos = (states * emb[inv[:P]]).sum(-1, keepdim=True)  # (P, 1)
         neg_logits = states @ emb[inv[P:]].T  # (P, R)
         neg_logits = neg_logits.masked_fill(neg[None, :] == targets[:, None], MASKED)
     else:
-        neg = draw_items((P, R), num_items, generator, dev, candidates)  # (P, R)
-        if P * R >= num_items:  # the draws cover the catalogue: normalise the whole table, skip unique()
-            emb, pos_row, neg_row = _item_rows(model, torch.arange(num_items + 1, device=dev)), targets, neg
-        else:  # a huge catalogue: normalise only the rows drawn
-            ids, inv = torch.unique(torch.cat([targets, neg.reshape(-1)]), return_inverse=True)
-            emb, pos_row, neg_row = _item_rows(model, ids), inv[:P], inv[P:].view(P, R)
-        pos = (states * emb[pos_row]).sum(-1, keepdim=True)  # (P, 1)
-        neg_logits = _PerPositionLogits.apply(states, emb, neg_row)  # (P, R)
+        neg = draw_items((P, R), num_items, generator, dev, candidates) if neg is None else neg  # (P, R)
+        emb, rows = _rows_for(model, torch.cat([targets[:, None], neg], 1), num_items)  # (U, D), (P, 1 + R)
+        pos = (states * emb[rows[:, 0]]).sum(-1, keepdim=True)  # (P, 1)
+        neg_logits = _PerPositionLogits.apply(states, emb, rows[:, 1:].contiguous())  # (P, R)
         neg_logits = neg_logits.masked_fill(neg == targets[:, None], MASKED)
     parts = [pos, neg_logits]
     if cfg.in_batch_negatives:
@@ -120,25 +138,21 @@ def full_softmax_logits(states, model, num_items: int, candidates: torch.Tensor 
     return logits
 
 
-def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
-                 candidates: torch.Tensor | None = None):
-    """Forward + loss. Returns (loss, {"loss", "terms", "positions", "tokens"}) with loss a 0-dim tensor
-    and terms the value of each part ("retrieval", and "generative" with a generative head).
-    Positions are weighted by task (cfg.rec_weight at item tokens, cfg.search_weight at query tokens);
-    weight-0 positions are not computed at all.
-    candidates (W,): the item ids negatives may be (None = all; see `draw_items`)."""
-    states = model(batch)  # (L, D) unit norm
-    is_query = batch.token_types == TOKEN_QUERY
-    weight = torch.where(is_query, cfg.search_weight, cfg.rec_weight)  # (L,) the task mix
-    has_target = (batch.targets > 0) & (weight > 0)
-    if not bool(has_target.any()):  # e.g. search-only on a batch without searches: a zero loss with a graph
-        zero = states.sum() * 0.0
-        return zero, {"loss": 0.0, "terms": {"retrieval": 0.0}, "positions": 0, "tokens": int(states.shape[0])}
-    s, t, w = states[has_target], batch.targets[has_target], weight[has_target]  # (P, D), (P,), (P,)
+def trained_positions(batch, cfg: LossConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L,) bool: tokens with a target whose task weight is > 0, and (L,) the task weight of every token
+    (cfg.rec_weight at item tokens, cfg.search_weight at query tokens)."""
+    weight = torch.where(batch.token_types == TOKEN_QUERY, cfg.search_weight, cfg.rec_weight)  # (L,) the task mix
+    return (batch.targets > 0) & (weight > 0), weight
+
+
+def task_loss(model, s, t, w, cfg: LossConfig, num_items: int, generator=None,
+              candidates: torch.Tensor | None = None, neg: torch.Tensor | None = None):
+    """The pretraining loss of states s (P, D) for targets t (P,), position weights w (P,): returns (loss,
+    {term: detached value}). `neg`: the sampled negatives, when the caller drew them (distill_loss)."""
     if cfg.kind == "full_softmax":
         logits, labels = full_softmax_logits(s, model, num_items, candidates), t
     elif cfg.kind == "sampled_softmax":
-        logits = sampled_softmax_logits(s, t, model, cfg, num_items, generator, candidates)
+        logits = sampled_softmax_logits(s, t, model, cfg, num_items, generator, candidates, neg)
         labels = torch.zeros_like(t)
     else:
         raise ValueError(f"loss.kind must be sampled_softmax or full_softmax, got {cfg.kind!r}")
@@ -151,5 +165,112 @@ def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
         gen = generative_loss(head, s, model.embed.item.codes[t], model.code_trie(candidates))
         terms["generative"] = gen.detach()
         loss = loss + cfg.generative_weight * gen
-    return loss, {"loss": float(loss.detach()), "terms": {k: float(v) for k, v in terms.items()},
-                  "positions": int(t.numel()), "tokens": int(states.shape[0])}
+    return loss, terms
+
+
+def _report(loss, terms: dict, positions: int, tokens: int) -> dict:
+    return {"loss": float(loss.detach()), "terms": {k: float(v) for k, v in terms.items()},
+            "positions": positions, "tokens": tokens}
+
+
+def compute_loss(model, batch, cfg: LossConfig, num_items: int, generator=None,
+                 candidates: torch.Tensor | None = None):
+    """Forward + loss. Returns (loss, {"loss", "terms", "positions", "tokens"}) with loss a 0-dim tensor
+    and terms the value of each part ("retrieval", and "generative" with a generative head).
+    Positions are weighted by task (cfg.rec_weight at item tokens, cfg.search_weight at query tokens);
+    weight-0 positions are not computed at all.
+    candidates (W,): the item ids negatives may be (None = all; see `draw_items`)."""
+    states = model(batch)  # (L, D) unit norm
+    has_target, weight = trained_positions(batch, cfg)
+    if not bool(has_target.any()):  # e.g. search-only on a batch without searches: a zero loss with a graph
+        return states.sum() * 0.0, _report(states.sum() * 0.0, {"retrieval": 0.0}, 0, int(states.shape[0]))
+    s, t, w = states[has_target], batch.targets[has_target], weight[has_target]  # (P, D), (P,), (P,)
+    loss, terms = task_loss(model, s, t, w, cfg, num_items, generator, candidates)
+    return loss, _report(loss, terms, int(t.numel()), int(states.shape[0]))
+
+
+# ---- distillation: a frozen teacher's rankings (and states) taught to the student ---------------------
+@dataclass
+class TeacherTargets:
+    """What the teacher says at a batch's target positions (batch.targets > 0, in token order), online
+    (train/teacher.py) or read back from label files (train/teacher_labels.py)."""
+
+    states: torch.Tensor  # (P, Dt) the teacher's unit-norm final states
+    topk_ids: torch.Tensor  # (P, K) its K best items (among those training may touch), best first
+    topk_logits: torch.Tensor  # (P, K) their logits: cosine / the teacher's loss temperature
+    table: torch.Tensor  # (I+1, Dt) the teacher's unit-norm item table (scores any other candidate)
+    temperature: float  # the teacher's loss.temperature
+
+
+def duplicate_mask(ids: torch.Tensor) -> torch.Tensor:
+    """(P, C) True at every repeat of an id earlier in its row: a candidate set counts each item once."""
+    order = torch.sort(ids, dim=1, stable=True)
+    dup_sorted = torch.zeros_like(ids, dtype=torch.bool)
+    dup_sorted[:, 1:] = order.values[:, 1:] == order.values[:, :-1]  # stable: the first occurrence is kept
+    return torch.zeros_like(dup_sorted).scatter_(1, order.indices, dup_sorted)
+
+
+def kd_candidates(topk_ids: torch.Tensor, targets: torch.Tensor, neg: torch.Tensor):
+    """Candidate ids (P, K + 1 + R) = [teacher top-K, positive, negatives] and (P, K + 1 + R) valid: not
+    padding and not a repeat of an earlier column (the union of the three sets)."""
+    ids = torch.cat([topk_ids, targets[:, None], neg], dim=1)
+    return ids, (ids > 0) & ~duplicate_mask(ids)
+
+
+def ranking_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, valid: torch.Tensor,
+               temperature: float) -> torch.Tensor:
+    """(P,) T^2 KL(softmax(teacher / T) || softmax(student / T)) over each row's valid candidates (the
+    T^2 keeps the gradient's scale independent of T, Hinton et al. 2015). Zero iff the two agree on them."""
+    s = (student_logits.float() / temperature).masked_fill(~valid, MASKED)
+    t = (teacher_logits.float() / temperature).masked_fill(~valid, MASKED)  # exp(MASKED) == 0: no mass
+    log_t, log_s = F.log_softmax(t, dim=-1), F.log_softmax(s, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).masked_fill(~valid, 0.0).sum(-1) * temperature**2
+
+
+def hidden_alignment(projected: torch.Tensor, teacher_states: torch.Tensor, kind: str) -> torch.Tensor:
+    """(P,) distance of the projected student states (P, Dt) to the teacher's: 'mse' (mean over dims) or
+    'cosine' (1 - cosine similarity)."""
+    if kind == "mse":
+        return (projected.float() - teacher_states.float()).pow(2).mean(-1)
+    if kind == "cosine":
+        return 1.0 - F.cosine_similarity(projected.float(), teacher_states.float(), dim=-1, eps=1e-6)
+    raise ValueError(f"distill.hidden_loss must be 'mse' or 'cosine', got {kind!r}")
+
+
+def teacher_candidate_logits(teacher: TeacherTargets, keep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(P, C) teacher logits of candidate ids (P, C) whose first K columns are its top-K: those logits as
+    given, the other columns scored from its states and item table. keep (P_all,) picks the positions."""
+    K = teacher.topk_ids.shape[1]
+    with torch.no_grad():
+        rest = _PerPositionLogits.apply(teacher.states[keep].float(), teacher.table.float(), ids[:, K:].contiguous())
+    return torch.cat([teacher.topk_logits[keep].float(), rest / teacher.temperature], dim=1)
+
+
+def distill_loss(model, batch, cfg: LossConfig, kd: KDConfig, teacher: TeacherTargets, num_items: int,
+                 generator=None, candidates: torch.Tensor | None = None):
+    """Student forward + kd.task_weight x the task loss (exactly compute_loss's, same negatives) +
+    kd.kd_weight x ranking KD over [teacher top-K | positive | the task's negatives] + kd.hidden_weight x
+    hidden-state alignment (through model.distill_align). Every term is a mean over trained positions with
+    the task weights, so search positions (query tokens) are distilled like recommendation ones."""
+    states = model(batch)  # (L, D) unit norm
+    has_target, weight = trained_positions(batch, cfg)
+    terms0 = {"retrieval": 0.0, "distill": 0.0, "hidden": 0.0}
+    if not bool(has_target.any()):
+        return states.sum() * 0.0, _report(states.sum() * 0.0, terms0, 0, int(states.shape[0]))
+    keep = has_target[batch.targets > 0]  # which of the teacher's positions train
+    s, t, w = states[has_target], batch.targets[has_target], weight[has_target]  # (P, D), (P,), (P,)
+    P, R = t.numel(), cfg.num_negatives
+    shared = cfg.kind == "sampled_softmax" and cfg.shared_negatives
+    neg = draw_items((R,) if shared else (P, R), num_items, generator, t.device, candidates)
+    loss, terms = task_loss(model, s, t, w, cfg, num_items, generator, candidates, neg)
+    ids, valid = kd_candidates(teacher.topk_ids[keep, :kd.top_k], t, neg.expand(P, R) if shared else neg)
+    student = candidate_logits(model, s, ids, num_items) / cfg.temperature  # (P, C)
+    trimmed = TeacherTargets(teacher.states, teacher.topk_ids[:, :kd.top_k], teacher.topk_logits[:, :kd.top_k],
+                             teacher.table, teacher.temperature)
+    kl = (ranking_kd(student, teacher_candidate_logits(trimmed, keep, ids), valid, kd.temperature) * w).sum() / w.sum()
+    loss, terms["distill"] = kd.task_weight * loss + kd.kd_weight * kl, kl.detach()
+    if kd.hidden_weight > 0:
+        dist = hidden_alignment(model.distill_align(s), teacher.states[keep], kd.hidden_loss)
+        hidden = (dist * w).sum() / w.sum()
+        loss, terms["hidden"] = loss + kd.hidden_weight * hidden, hidden.detach()
+    return loss, _report(loss, terms, P, int(states.shape[0]))

@@ -15,7 +15,8 @@ import json
 import os
 import random
 import time
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from configs.schema import PretrainConfig
 from data_pipeline.collate import domain_ids, make_loader
 from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest
 from model.items import load_item_features
-from model.seqrec import build_model
+from model.seqrec import build_model, serving_state
 from train import engine as E
 from train.baselines import popularity_metrics
 from train.evaluate import QuerySlices, evaluate, generative_ranks
@@ -120,9 +121,13 @@ def init_weights(model: torch.nn.Module, run: Path, manifest: dict, rank: int) -
     if json.loads(metrics.read_text()).get("manifest_hash") != manifest["content_hash"]:
         raise ConfigError(f"train.init_from: {run} trained on another shard set (manifest hash differs)")
     try:
-        model.load_state_dict(E.consolidated_state_dict(run / "ckpt", "best"), strict=True)
-    except RuntimeError as e:
+        got = model.load_state_dict(serving_state(E.consolidated_state_dict(run / "ckpt", "best")), strict=False)
+    except RuntimeError as e:  # a shape differs
         raise ConfigError(f"train.init_from: {run}'s weights do not fit this model config: {e}") from e
+    missing = list(serving_state(dict.fromkeys(got.missing_keys)))  # a training-only layer starts fresh
+    if missing or got.unexpected_keys:
+        raise ConfigError(f"train.init_from: {run}'s weights do not fit this model config: missing {missing[:5]}, "
+                          f"unexpected {got.unexpected_keys[:5]}")
     if rank == 0:
         print(f"initialised from {run / 'ckpt' / 'best'}")
 
@@ -137,14 +142,44 @@ def make_logger(run_dir: Path, rank: int):
     return log
 
 
-def main(cfg: PretrainConfig) -> dict:
-    # ---- setup: process group, seeds, data manifest, run directory --------------------------------------
+@dataclass
+class Run:
+    """What every stage of a training run reads: the resolved config, this process, the data, the run folder."""
+
+    cfg: PretrainConfig  # precision resolved (DistillConfig for `train distill`)
+    rank: int
+    world: int
+    dev: torch.device
+    gen: torch.Generator  # negatives, per rank
+    manifest: dict
+    bad_shards: list[str]
+    candidates: torch.Tensor | None  # the items training may touch (None = all)
+    run_dir: Path
+    log: Callable[[dict], None]
+    select_split: str  # 'valid', or 'test' under train.select=best_test
+
+    @property
+    def ckpt(self) -> Path:
+        return self.run_dir / "ckpt"
+
+    @property
+    def num_items(self) -> int:
+        return self.manifest["vocab"]["num_items"]
+
+
+def as_pretrain(cfg: PretrainConfig) -> PretrainConfig:
+    """The PretrainConfig keys of `cfg` (a DistillConfig's student run): what run_dir/config.json holds, so
+    `train export`, `init_from` and a later distillation read a distilled run like any other."""
+    return PretrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(PretrainConfig)})
+
+
+def open_run(cfg: PretrainConfig) -> Run:
+    """Checks, process group, seeds, data manifest and shard check, run directory with config.json."""
     if min(cfg.loss.rec_weight, cfg.loss.search_weight) < 0 or cfg.loss.rec_weight + cfg.loss.search_weight <= 0:
         raise ValueError(f"loss.rec_weight ({cfg.loss.rec_weight}) and loss.search_weight ({cfg.loss.search_weight}) "
                          "must be >= 0 and not both 0")
     if cfg.train.select not in ("best_valid", "last", "best_test"):
         raise ValueError(f"train.select must be 'best_valid', 'last' or 'best_test', got {cfg.train.select!r}")
-    select_split = "test" if cfg.train.select == "best_test" else "valid"  # best_test: the reference's protocol
     rank, world = E.setup_distributed()
     if cfg.train.deterministic:  # deterministic kernels (and the Triton attention's pinned configs); cuBLAS
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # raises in this mode without a fixed workspace
@@ -167,72 +202,81 @@ def main(cfg: PretrainConfig) -> dict:
         domain_ids(cfg.shards, cfg.data.domains)  # data.domains names known domains, or the run stops here
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    num_items = manifest["vocab"]["num_items"]
-    candidates = train_candidates(manifest, dev)
     run_dir = Path(cfg.run_dir)
-    ckpt = run_dir / "ckpt"
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.json")
+        save_config(as_pretrain(cfg), run_dir / "config.json")
     E.barrier()
-    log = make_logger(run_dir, rank)
+    return Run(cfg, rank, world, dev, gen, manifest, bad_shards, train_candidates(manifest, dev), run_dir,
+               make_logger(run_dir, rank), "test" if cfg.train.select == "best_test" else "valid")
 
-    # ---- model and engine ----------------------------------------------------------------------------
-    model = build_model(cfg.model, manifest, cfg.data.max_len, load_item_features(cfg.shards, cfg.model)).to(dev)
-    resuming = cfg.resume and E.has_checkpoint(ckpt, "last")
+
+def make_engine(model: torch.nn.Module, run: Run):
+    """train.init_from (a fresh run), the DeepSpeed engine, and ckpt/last when resuming -> (engine, loop
+    state, NaN guard)."""
+    cfg = run.cfg
+    resuming = cfg.resume and E.has_checkpoint(run.ckpt, "last")
     if cfg.train.init_from and not resuming:
-        init_weights(model, Path(cfg.train.init_from), manifest, rank)
+        init_weights(model, Path(cfg.train.init_from), run.manifest, run.rank)
     eng = E.build_engine(model, cfg.train, cfg.data.batch_size)
     state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[], skipped_steps=0)
     if resuming:
-        state = E.load_checkpoint(eng, ckpt, "last", gen)["state"]
+        state = E.load_checkpoint(eng, run.ckpt, "last", run.gen)["state"]
         old_lr = E.set_lr(eng, cfg.train.lr)
-        if rank == 0:
-            print(f"resumed from {ckpt / 'last'} after epoch {state['epoch']}"
+        if run.rank == 0:
+            print(f"resumed from {run.ckpt / 'last'} after epoch {state['epoch']}"
                   + (f" (train.lr {old_lr:g} -> {cfg.train.lr:g})" if old_lr != cfg.train.lr else ""))
-    guard = NonFiniteGuard(cfg.train, ckpt, state.get("skipped_steps", 0))
+    return eng, state, NonFiniteGuard(cfg.train, run.ckpt, state.get("skipped_steps", 0))
 
-    # ---- loop: train an epoch, validate, keep the best, stop early ------------------------------------
+
+def fit(eng, run: Run, state: dict, guard: NonFiniteGuard, loss_fn=None) -> float:
+    """Train an epoch, validate, keep the best (ckpt/best), checkpoint (ckpt/last), stop early; returns
+    the seconds this process trained. `loss_fn`: see train.loop.train_epoch."""
+    cfg, split = run.cfg, run.select_split
     t_start = time.perf_counter()
     for epoch in range(state["epoch"] + 1, cfg.train.epochs):
         t_epoch = time.perf_counter()
         guard.last_good_epoch = state["epoch"]
-        row = train_epoch(eng, cfg, epoch, num_items, gen, dev, log, guard, candidates)
+        row = train_epoch(eng, cfg, epoch, run.num_items, run.gen, run.dev, run.log, guard, run.candidates, loss_fn)
         row["eval_seconds"] = 0.0
         last_epoch = epoch + 1 == cfg.train.epochs
         if (epoch >= cfg.train.eval_from and (epoch + 1) % cfg.train.eval_every == 0) or last_epoch:
             t_eval = time.perf_counter()
-            val = run_eval(eng, cfg, select_split, manifest, dev, task=cfg.eval.select_task)
+            val = run_eval(eng, cfg, split, run.manifest, run.dev, task=cfg.eval.select_task)
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
-            row[select_split] = {k: v for k, v in val.items() if k != "per_domain"}
+            row[split] = {k: v for k, v in val.items() if k != "per_domain"}
             if val["ndcg@10"] > state["best_ndcg"]:  # NaN never beats: a diverged epoch is never best
                 state.update(best_ndcg=val["ndcg@10"], best_epoch=epoch, bad_evals=0, best_valid=val)
-                E.save_checkpoint(eng, ckpt, "best", {"state": state}, gen)
+                E.save_checkpoint(eng, run.ckpt, "best", {"state": state}, run.gen)
             else:
                 state["bad_evals"] += 1
         state.update(epoch=epoch, skipped_steps=guard.skipped)
         state["history"].append(row)
-        E.save_checkpoint(eng, ckpt, "last", {"state": state}, gen)
+        E.save_checkpoint(eng, run.ckpt, "last", {"state": state}, run.gen)
         row["wall_seconds"] = round(time.perf_counter() - t_epoch, 2)  # train + eval + checkpoints
-        log(dict(kind="epoch", **row))
-        if rank == 0:
-            v = row.get(select_split, {})
+        run.log(dict(kind="epoch", **row))
+        if run.rank == 0:
+            v = row.get(split, {})
             nan = float("nan")
             print(f"epoch {epoch}: loss {row['loss']:.4f}  {row['tokens_per_s']:,} tok/s  {row['seconds']}s  "
-                  f"{select_split} HR@10 {v.get('hr@10', nan):.4f} NDCG@10 {v.get('ndcg@10', nan):.4f}  "
+                  f"{split} HR@10 {v.get('hr@10', nan):.4f} NDCG@10 {v.get('ndcg@10', nan):.4f}  "
                   f"examples per rank {row['examples_per_rank']}")
         if cfg.train.select != "last" and cfg.train.patience and state["bad_evals"] >= cfg.train.patience:
             break
+    return time.perf_counter() - t_start
 
-    # ---- test once, with the weights train.select names: best validation epoch, last, or best test -----
-    train_seconds = time.perf_counter() - t_start
-    validated = [r["epoch"] for r in state["history"] if r.get(select_split)]
+
+def finish(eng, run: Run, state: dict, train_seconds: float, extra: dict | None = None) -> dict:
+    """Test once with the weights train.select names (best validation epoch, last, or best test) ->
+    metrics.json (+ `extra`) and meta.json; prints the test numbers."""
+    cfg, split, rank, manifest, dev = run.cfg, run.select_split, run.rank, run.manifest, run.dev
+    validated = [r["epoch"] for r in state["history"] if r.get(split)]
     if cfg.train.eval_from and validated and state["best_epoch"] == validated[0] and rank == 0:
         print(f"warning: the best epoch ({state['best_epoch']}) is the first validated one (train.eval_from="
               f"{cfg.train.eval_from}): an earlier, unvalidated epoch might have been better")
     if cfg.train.select == "last":
         state["best_epoch"] = state["epoch"]
-    E.load_checkpoint(eng, ckpt, "last" if cfg.train.select == "last" else "best", None,
+    E.load_checkpoint(eng, run.ckpt, "last" if cfg.train.select == "last" else "best", None,
                       with_optimizer=False)
     test = run_eval(eng, cfg, "test", manifest, dev)
     tasks = test_tasks(eng, cfg, manifest, dev)
@@ -240,31 +284,49 @@ def main(cfg: PretrainConfig) -> dict:
     if cfg.model.generative_head:
         test_generative = run_eval(eng, cfg, "test", manifest, dev, generative=True)
     popularity = popularity_metrics(cfg.shards, "test", cfg.data, cfg.eval, all_reduce=E.all_reduce_sum)
-    best_valid = state.get("best_valid") if select_split == "valid" else None  # best_test: no valid eval
+    best_valid = state.get("best_valid") if split == "valid" else None  # best_test: no valid eval
     metrics = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"] + 1, valid=best_valid,
                    selected=cfg.train.select, train_through_valid=cfg.data.train_through_valid,
                    test=test, test_generative=test_generative, test_popularity=popularity, test_tasks=tasks,
                    train_seconds_this_run=round(train_seconds, 1), exclude_history=cfg.eval.exclude_history,
-                   skipped_steps=state.get("skipped_steps", 0), skipped_shards=bad_shards, world_size=world,
+                   skipped_steps=state.get("skipped_steps", 0), skipped_shards=run.bad_shards, world_size=run.world,
                    precision=cfg.train.precision,
-                   dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha())
-    E.write_json(run_dir / "metrics.json", metrics)
-    E.write_json(run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
-                                             manifest_hash=manifest["content_hash"], metrics=test,
-                                             world_size=world, epochs=state["history"]))
+                   dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha(),
+                   **(extra or {}))
+    E.write_json(run.run_dir / "metrics.json", metrics)
+    E.write_json(run.run_dir / "meta.json", dict(git_sha=metrics["git_sha"], step=int(eng.global_steps),
+                                                 manifest_hash=manifest["content_hash"], metrics=test,
+                                                 world_size=run.world, epochs=state["history"]))
     if rank == 0:
-        show = lambda m: "  ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in m)
-        which = "last" if cfg.train.select == "last" else "best " + select_split
-        print(f"test at {which} epoch {state['best_epoch']}: {show(test)}")
-        if test["nonfinite_states"]:
-            print(f"  warning: {test['nonfinite_states']:,} test states were NaN/inf (counted as misses)")
-        for name, m in (test.get("per_slice") or {}).items():
-            print(f"  {name} targets ({m['count']:,}): {show(m)}")
-        if test_generative:
-            print(f"generative head (beam {cfg.eval.beam}): {show(test_generative)}")
-        print(f"popularity baseline:     {show(popularity)}")
-        for name, m in tasks.items():
-            seen, unseen = (m.get("per_slice") or {}).get("seen_query"), (m.get("per_slice") or {}).get("unseen_query")
-            print(f"test as {name} ({m['count']:,} targets): {show(m)}"
-                  + (f"  | seen-query NDCG@10 {seen['ndcg@10']:.4f}, unseen {unseen['ndcg@10']:.4f}" if seen else ""))
+        report(metrics, cfg, split)
     return metrics
+
+
+def show(m: dict) -> str:
+    return "  ".join(f"{k} {m[k]:.4f}" for k in ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "mrr") if k in m)
+
+
+def report(metrics: dict, cfg: PretrainConfig, split: str) -> None:
+    test, tasks = metrics["test"], metrics["test_tasks"]
+    which = "last" if cfg.train.select == "last" else "best " + split
+    print(f"test at {which} epoch {metrics['best_epoch']}: {show(test)}")
+    if test["nonfinite_states"]:
+        print(f"  warning: {test['nonfinite_states']:,} test states were NaN/inf (counted as misses)")
+    for name, m in (test.get("per_slice") or {}).items():
+        print(f"  {name} targets ({m['count']:,}): {show(m)}")
+    if metrics["test_generative"]:
+        print(f"generative head (beam {cfg.eval.beam}): {show(metrics['test_generative'])}")
+    print(f"popularity baseline:     {show(metrics['test_popularity'])}")
+    for name, m in tasks.items():
+        seen, unseen = (m.get("per_slice") or {}).get("seen_query"), (m.get("per_slice") or {}).get("unseen_query")
+        print(f"test as {name} ({m['count']:,} targets): {show(m)}"
+              + (f"  | seen-query NDCG@10 {seen['ndcg@10']:.4f}, unseen {unseen['ndcg@10']:.4f}" if seen else ""))
+
+
+def main(cfg: PretrainConfig) -> dict:
+    run = open_run(cfg)  # process group, seeds, data manifest, run directory
+    model = build_model(run.cfg.model, run.manifest, cfg.data.max_len,
+                        load_item_features(cfg.shards, cfg.model)).to(run.dev)
+    eng, state, guard = make_engine(model, run)  # init_from, DeepSpeed, resume
+    train_seconds = fit(eng, run, state, guard)  # epochs, validation, best checkpoint, early stopping
+    return finish(eng, run, state, train_seconds)  # test at the selected epoch, metrics.json
