@@ -17,7 +17,7 @@ import webdataset as wds
 
 from configs.schema import LoaderConfig
 from data_pipeline import schema
-from data_pipeline.read_shards import read_shards
+from data_pipeline.read_shards import load_manifest, read_shards
 from data_pipeline.schema import ROW_ACTION, ROW_DOMAIN, ROW_ITEM, ROW_QUERY, ROW_TS
 
 TOKEN_FIELDS = ("item_ids", "query_ids", "timestamps", "next_timestamps", "actions", "token_types",
@@ -194,7 +194,6 @@ def domain_ids(shard_dir: str | Path, names: list[str]) -> set[int] | None:
     """LoaderConfig.domains (names) -> their ids in the shard set's manifest; None = keep every domain."""
     if not names:
         return None
-    from data_pipeline.read_shards import load_manifest
     known = load_manifest(shard_dir)["id_maps"]["domains"]
     unknown = [n for n in names if n not in known]
     if unknown:

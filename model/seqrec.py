@@ -52,6 +52,11 @@ class SeqRecModel(nn.Module):
                 raise ValueError("model.generative_head needs semantic-ID codes: run `python -m data_pipeline content`")
             self.gen_head = GenerativeHead(cfg.dim, self.embed.item.level_sizes)
 
+    @property
+    def per_domain(self) -> bool:
+        """The model has per-domain parameters (MLoRA adapters or a domain embedding): it reads domain ids."""
+        return bool(self.adapted) or self.domain_emb is not None
+
     def forward(self, batch, last_only: bool = False) -> torch.Tensor:
         """JaggedBatch -> states (L, D), L2-normalised; with `last_only`, (B, D): each sequence's last state
         only (evaluation and serving score nothing else). HSTU's final layer then computes one query row per
@@ -79,7 +84,7 @@ class SeqRecModel(nn.Module):
 
     def _token_domains(self, batch, L: int) -> torch.Tensor | None:
         """Each token takes its sequence's domain (the predicted event's): (B,) -> (L,)."""
-        if not self.adapted and self.domain_emb is None:
+        if not self.per_domain:
             return None
         dom = batch.domain
         if dom.numel() and (int(dom.min()) < 0 or int(dom.max()) >= self.num_domains):
@@ -99,7 +104,7 @@ class SeqRecModel(nn.Module):
         zeros = torch.zeros_like(item_ids)
         tokens = _Tokens(item_ids=item_ids, query_ids=zeros, token_types=zeros, actions=actions)
         x = self.embed(tokens, positions)  # (B, N, D)
-        if (self.adapted or self.domain_emb is not None) and domains is None:
+        if self.per_domain and domains is None:
             raise ValueError("this model has per-domain parameters: pass domains (B,)")
         if self.domain_emb is not None:
             x = x + self.domain_emb(domains)[:, None]

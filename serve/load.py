@@ -200,11 +200,10 @@ def _num_domains(path: Path, config: dict) -> int:
 
 def _check_program_inputs(path: Path, config: dict, model: SeqRecModel) -> None:
     """program.pt2 takes domains exactly when the model has per-domain parameters."""
-    per_domain = bool(model.adapted) or model.domain_emb is not None
-    want = list(ENCODE_INPUTS) + (["domains"] if per_domain else [])
+    want = list(ENCODE_INPUTS) + (["domains"] if model.per_domain else [])
     if config["program_inputs"] != want:
         raise ExportLoadError(f"{path / 'config.json'}: program_inputs {config['program_inputs']} for a model "
-                              f"{'with' if per_domain else 'without'} per-domain parameters; expected {want}")
+                              f"{'with' if model.per_domain else 'without'} per-domain parameters; expected {want}")
 
 
 def load_export(path: str | Path) -> Export:

@@ -69,9 +69,10 @@ def check_kd(kd: KDConfig) -> None:
         raise ConfigError(f"distill weights must be >= 0 and task_weight + kd_weight > 0, got {weights}")
 
 
-def teacher_source(cfg: DistillConfig, run, tdir: Path, tcfg, tmetrics: dict):
+def teacher_source(run, tdir: Path, tcfg, tmetrics: dict):
     """(batch, real) -> TeacherTargets from online forwards of the frozen teacher or from its label files,
     and a description of the teacher for metrics.json."""
+    cfg = run.cfg
     allowed = allowed_items(run.num_items, run.candidates, run.dev)
     about = dict(run=str(tdir), fingerprint=fingerprint(tdir), test=tmetrics.get("test"), model=dataclasses.asdict(
         tcfg.model), dim=tcfg.model.dim)
@@ -90,7 +91,7 @@ def main(cfg: DistillConfig) -> dict:
     tcfg, tmetrics = teacher_run(tdir)
     run = open_run(cfg)  # writes config.json: the student's PretrainConfig
     check_teacher_data(tdir, tcfg, tmetrics, run.manifest, cfg.data)
-    teacher, about = teacher_source(run.cfg, run, tdir, tcfg, tmetrics)
+    teacher, about = teacher_source(run, tdir, tcfg, tmetrics)
     if run.rank == 0:
         (run.run_dir / "distill.json").write_text(json.dumps(dict(config=dataclasses.asdict(run.cfg), teacher=about),
                                                              indent=2, default=str) + "\n")

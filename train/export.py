@@ -56,14 +56,9 @@ class ExportError(RuntimeError):
     """The run cannot be exported as asked (missing checkpoint, program differs from eager, ...)."""
 
 
-def per_domain(model: SeqRecModel) -> bool:
-    """The model has per-domain parameters (MLoRA adapters or a domain embedding): it reads domain ids."""
-    return bool(model.adapted) or model.domain_emb is not None
-
-
 def program_inputs(model: SeqRecModel) -> tuple[str, ...]:
     """program.pt2's inputs, in order: ENCODE_INPUTS, + domains (B,) for a model with per-domain parameters."""
-    return ENCODE_INPUTS + ("domains",) if per_domain(model) else ENCODE_INPUTS
+    return ENCODE_INPUTS + ("domains",) if model.per_domain else ENCODE_INPUTS
 
 
 class Encoder(torch.nn.Module):
@@ -112,7 +107,7 @@ def verify_program(program, model: SeqRecModel, num_items: int, max_len: int, se
     """Max |program(padded) - model(jagged, last_only)| over random histories of lengths 1..max_len (and,
     for a model with per-domain parameters, random mixed domains); raises ExportError above TOLERANCE."""
     gen, worst = torch.Generator().manual_seed(seed), 0.0
-    inputs, num_domains = program_inputs(model), model.num_domains if per_domain(model) else 0
+    inputs, num_domains = program_inputs(model), model.num_domains if model.per_domain else 0
     for lengths in check_lengths(max_len, gen):
         h = random_histories(num_items, max_len, lengths, gen, num_domains)
         want = model(h["batch"], last_only=True)
@@ -130,7 +125,7 @@ def export_program(model: SeqRecModel, max_len: int):
     from torch.export import Dim
     inputs = program_inputs(model)
     h = random_histories(model.embed.item.num_items, max_len, [min(3, max_len), min(5, max_len), 2],
-                         torch.Generator().manual_seed(1), model.num_domains if per_domain(model) else 0)
+                         torch.Generator().manual_seed(1), model.num_domains if model.per_domain else 0)
     B, N = Dim("batch", min=1, max=4096), Dim("history", min=1, max=max_len)
     dyn = {k: {0: B, 1: N} for k in ENCODE_INPUTS[:-1]} | {k: {0: B} for k in inputs[len(ENCODE_INPUTS) - 1:]}
     with torch.no_grad():
@@ -176,7 +171,7 @@ def data_facts(cfg: PretrainConfig, manifest: dict, model: SeqRecModel, query_en
                 num_items=v["num_items"], num_queries=v["num_queries"], dim=m.dim,
                 level_sizes=model.embed.item.level_sizes, has_timestamps=manifest.get("has_timestamps", True),
                 dataset=manifest["dataset"], domains=domains or manifest["id_maps"]["domains"],
-                num_domains=model.num_domains if per_domain(model) else 1, within_domain=cfg.eval.within_domain,
+                num_domains=model.num_domains if model.per_domain else 1, within_domain=cfg.eval.within_domain,
                 exclude_history=cfg.eval.exclude_history, program_inputs=list(program_inputs(model)),
                 timestamps=("unix seconds" if manifest.get("has_timestamps", True) else
                             "per-user chronological ranks 0, 1, 2, ... (the source has no times)"),

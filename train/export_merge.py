@@ -15,7 +15,7 @@ import torch
 
 from model.lora import merged_state
 from model.seqrec import SeqRecModel, model_from_state
-from train.export import TOLERANCE, ExportError, check_lengths, per_domain, random_histories
+from train.export import TOLERANCE, ExportError, check_lengths, random_histories
 
 
 def merged_model(model: SeqRecModel, facts: dict, domain: int) -> SeqRecModel:
@@ -49,7 +49,7 @@ def merge_domain(model: SeqRecModel, facts: dict, domains: list[str], name: str)
     for a name that is not one of `domains` (the shard set's) and for a model without per-domain parameters."""
     if name not in domains:
         raise ExportError(f"--merge-domain {name!r}: not a domain of this run; its domains are {domains}")
-    if not per_domain(model):
+    if not model.per_domain:
         raise ExportError(f"--merge-domain {name!r}: this model has no per-domain parameters (model.adapters "
                           f"{model.cfg.adapters!r}, no domain_embedding), so there is nothing to merge: export it "
                           "without --merge-domain")

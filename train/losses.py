@@ -237,13 +237,12 @@ def hidden_alignment(projected: torch.Tensor, teacher_states: torch.Tensor, kind
     raise ValueError(f"distill.hidden_loss must be 'mse' or 'cosine', got {kind!r}")
 
 
-def teacher_candidate_logits(teacher: TeacherTargets, keep: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def teacher_candidate_logits(teacher: TeacherTargets, keep: torch.Tensor, ids: torch.Tensor, K: int) -> torch.Tensor:
     """(P, C) teacher logits of candidate ids (P, C) whose first K columns are its top-K: those logits as
     given, the other columns scored from its states and item table. keep (P_all,) picks the positions."""
-    K = teacher.topk_ids.shape[1]
     with torch.no_grad():
         rest = _PerPositionLogits.apply(teacher.states[keep].float(), teacher.table.float(), ids[:, K:].contiguous())
-    return torch.cat([teacher.topk_logits[keep].float(), rest / teacher.temperature], dim=1)
+    return torch.cat([teacher.topk_logits[keep, :K].float(), rest / teacher.temperature], dim=1)
 
 
 def distill_loss(model, batch, cfg: LossConfig, kd: KDConfig, teacher: TeacherTargets, num_items: int,
@@ -263,11 +262,11 @@ def distill_loss(model, batch, cfg: LossConfig, kd: KDConfig, teacher: TeacherTa
     shared = cfg.kind == "sampled_softmax" and cfg.shared_negatives
     neg = draw_items((R,) if shared else (P, R), num_items, generator, t.device, candidates)
     loss, terms = task_loss(model, s, t, w, cfg, num_items, generator, candidates, neg)
-    ids, valid = kd_candidates(teacher.topk_ids[keep, :kd.top_k], t, neg.expand(P, R) if shared else neg)
+    top = teacher.topk_ids[keep, :kd.top_k]  # (P, K) K = min(kd.top_k, the teacher's K)
+    ids, valid = kd_candidates(top, t, neg.expand(P, R) if shared else neg)
     student = candidate_logits(model, s, ids, num_items) / cfg.temperature  # (P, C)
-    trimmed = TeacherTargets(teacher.states, teacher.topk_ids[:, :kd.top_k], teacher.topk_logits[:, :kd.top_k],
-                             teacher.table, teacher.temperature)
-    kl = (ranking_kd(student, teacher_candidate_logits(trimmed, keep, ids), valid, kd.temperature) * w).sum() / w.sum()
+    teacher_logits = teacher_candidate_logits(teacher, keep, ids, top.shape[1])
+    kl = (ranking_kd(student, teacher_logits, valid, kd.temperature) * w).sum() / w.sum()
     loss, terms["distill"] = kd.task_weight * loss + kd.kd_weight * kl, kl.detach()
     if kd.hidden_weight > 0:
         dist = hidden_alignment(model.distill_align(s), teacher.states[keep], kd.hidden_loss)

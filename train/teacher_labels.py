@@ -32,6 +32,7 @@ from configs.provenance import git_sha
 from configs.schema import DistillConfig, LoaderConfig
 from data_pipeline.collate import make_loader
 from data_pipeline.read_shards import load_manifest
+from model.embeddings import jagged_positions
 from train import engine as E
 from train.losses import TeacherTargets
 from train.pretrain import train_candidates
@@ -69,7 +70,7 @@ def identity_hash(identity: dict) -> str:
 
 def _user_counts(batch) -> torch.Tensor:
     """(B,) target positions per sequence."""
-    seq = torch.repeat_interleave(torch.arange(batch.num_sequences, device=batch.offsets.device), batch.lengths)
+    seq, _ = jagged_positions(batch.offsets, batch.item_ids.numel())  # (L,) each token's sequence
     return torch.bincount(seq[batch.targets > 0], minlength=batch.num_sequences)
 
 
