@@ -174,4 +174,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if "train.engine" in sys.modules:  # a command that opened the process group closes it (engine.shutdown)
+        sys.modules["train.engine"].shutdown()
+    sys.exit(rc)
