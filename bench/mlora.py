@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import seqrec as S  # noqa: E402
-from bench.record import header, loadavg, metadata  # noqa: E402
+from bench.record import header, loadavg, metadata, write_index  # noqa: E402
 
 
 @dataclass
@@ -293,17 +293,6 @@ def write(name: str, setup: Setup, manifest: dict, summary: dict, steps: dict | 
     (out / f"mlora_{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def write_index(out: Path) -> None:
-    """bench/results/mlora.md: every setup's table in one file (a setup not run yet says so)."""
-    parts = ["# MLoRA benchmark: every setup\n", "Each section is `mlora_<setup>.md`, rewritten by its own run of "
-             "this driver; the JSON is `mlora_<setup>.json`.\n"]
-    for name in sorted(SETUPS):
-        md = out / f"mlora_{name}.md"
-        parts.append(md.read_text().replace("# ", "## ", 1) if md.exists()
-                     else f"## {name}\n\nnot run yet: `python bench/mlora.py {name}`\n")
-    (out / "mlora.md").write_text("\n".join(parts))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("setup", choices=sorted(SETUPS), help="which multi-domain setup")
@@ -345,7 +334,7 @@ def main(argv=None):
         write(args.setup, setup, manifest, summarize(runs, done, domains, params), steps, args, Path(args.out))
     done = finished(runs, runs_dir, setup.recipe)
     write(args.setup, setup, manifest, summarize(runs, done, domains, params), steps, args, Path(args.out))
-    write_index(Path(args.out))
+    write_index(Path(args.out), "mlora", "MLoRA benchmark: every setup", sorted(SETUPS), "bench/mlora.py")
     print((Path(args.out) / f"mlora_{args.setup}.md").read_text())
 
 

@@ -67,3 +67,15 @@ def header(title: str, meta: dict, extra: str = "") -> list[str]:
     """Markdown lines: title, date + machine + tabulation sha, the command that wrote the file."""
     return [f"# {title}", "", f"{meta['date']}, {machine_line(meta)}; tabulated at git {meta['git_sha']}"
             + (f", {extra}" if extra else ""), "", f"`{meta['command']}`", ""]
+
+
+def write_index(out: Path, stem: str, title: str, setups: list[str], driver: str) -> None:
+    """OUT/<stem>.md: every setup's OUT/<stem>_<setup>.md in one file (a setup not run yet says so); each
+    section is rewritten by its own run of the driver."""
+    parts = [f"# {title}\n", f"Each section is `{stem}_<setup>.md`, rewritten by its own run of `{driver}`; the "
+             f"JSON is `{stem}_<setup>.json`.\n"]
+    for name in setups:
+        md = Path(out) / f"{stem}_{name}.md"
+        parts.append(md.read_text().replace("# ", "## ", 1) if md.exists()
+                     else f"## {name}\n\nnot run yet: `python {driver} {name}`\n")
+    (Path(out) / f"{stem}.md").write_text("\n".join(parts))

@@ -148,16 +148,20 @@ def ensure_shards(dataset: str, raw: str, shards: Path, extra: list[str] = ()) -
     subprocess.run(cmd, cwd=ROOT, check=True)
 
 
-def run_one(config: str, run_dir: Path, shards: Path, seed: int, overrides: list[str], nproc: int) -> dict | None:
-    """Train (or resume, or skip) one run; returns load_run(run_dir, config) or None if it failed.
+def run_one(config: str, run_dir: Path, shards: Path, seed: int, overrides: list[str], nproc: int,
+            command: tuple[str, ...] = ("pretrain",), recipe: str | None = None) -> dict | None:
+    """Train (or resume, or skip) one run; returns load_run(run_dir, recipe or config) or None if it failed.
+    `command` is the `python -m train` subcommand and its own arguments (e.g. ("distill", "--teacher", T));
+    `recipe` the PretrainConfig YAML the run is compared to when `config` is not one (a distill YAML).
     While it trains, the machine's 1-min load average is sampled every LOAD_SAMPLE_S seconds and kept in
     metrics.json `bench_sessions` (one entry per session of a resumed run), so a table can say when a run
     shared the cores."""
+    recipe = recipe or config
     if (run_dir / "metrics.json").exists():
-        return load_run(run_dir, config)
+        return load_run(run_dir, recipe)
     launch = [sys.executable, "-m", "train"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "train"]
-    cmd = launch + ["pretrain", "--config", config, "--set", f"run_dir={run_dir}", "--set", f"shards={shards}",
+    cmd = launch + [*command, "--config", config, "--set", f"run_dir={run_dir}", "--set", f"shards={shards}",
                     "--set", f"train.seed={seed}", *sum((["--set", s] for s in overrides), [])]
     if (run_dir / "ckpt" / "last").exists():
         cmd.append("--resume")
@@ -184,7 +188,7 @@ def run_one(config: str, run_dir: Path, shards: Path, seed: int, overrides: list
                    load_1min_before=before[0] if before else None)
     m["bench_sessions"] = m.get("bench_sessions", []) + [session]
     (run_dir / "metrics.json").write_text(json.dumps(m, indent=2) + "\n")
-    return load_run(run_dir, config)
+    return load_run(run_dir, recipe)
 
 
 def shared_cores(m: dict) -> bool | None:

@@ -382,3 +382,38 @@ def test_an_adapted_run_is_a_teacher_with_its_adapters(world, teacher, tmp_path)
     model = load_teacher(tmp_path / "adapt", torch.device("cpu"))
     assert model.adapted and not any(p.requires_grad for p in model.parameters())
     assert any(v.abs().sum() > 0 for k, v in model.state_dict().items() if k.endswith(".B"))  # the trained adapters
+
+
+def test_bench_scratch_row_trains_exactly_the_distilled_students_config(teacher, tmp_path):
+    """bench/distill.py's scratch row is the distill YAML's student resolved against the teacher, as a
+    pretrain config: same model, data, loss, train and eval keys, no teacher."""
+    from bench import distill as B
+    yaml = tmp_path / "student.yaml"
+    yaml.write_text("model:\n  dim: 16\n  num_layers: 1\ntrain:\n  epochs: 3\ndistill:\n  kd_weight: 2.0\n")
+    path = B.student_recipe(B.Setup(str(teacher) + "/unused.yaml", str(yaml), 30, ""), teacher, tmp_path)
+    scratch = load_config(PretrainConfig, path)
+    want = distill_config(str(teacher), yaml, [])
+    assert {k: v for k, v in vars(want).items() if k != "distill"} == vars(scratch)
+    assert (scratch.model.dim, scratch.train.epochs, scratch.shards) == (16, 3, want.shards)
+
+
+def test_bench_verdict_computes_gap_keep_and_margin():
+    from bench.distill import _gap, verdict
+    cell = lambda mean, sd=0.0: dict(mean=mean, sd=sd)
+    p = lambda non: dict(non_embedding=non, embedding=1000)
+    rows = dict(teacher=dict(ndcg=cell(0.20), params=p(400)), scratch=dict(ndcg=cell(0.10, 0.005), params=p(100)),
+                online=dict(ndcg=cell(0.19, 0.004), params=p(100), seeds=3),
+                labels=dict(ndcg=cell(0.16), params=p(100)))
+    rows = {k: {**r, "ndcg@10": r.pop("ndcg"), "seeds": r.get("seeds", 1)} for k, r in rows.items()}
+    lat = dict(teacher=dict(p50_ms=9.0), student=dict(p50_ms=2.0))
+    lines = "\n".join(verdict(rows, lat))
+    assert "25.0% of the teacher's (target <= 25%: met)" in lines
+    assert "95.0% of the teacher (target >= 95%: met)" in lines
+    assert "+0.0900 NDCG@10, 18.0 x the larger sd (0.0050; target > 2: met)" in lines
+    assert "(distilled student (online teacher)): 90%" in lines and "(precomputed labels)): 60%" in lines
+    assert "4.5x lower (target >= 3x: met)" in lines
+    assert (_gap(rows, "online"), _gap(rows, "labels"), _gap(rows, "scratch")) == ("90%", "60%", "-")
+    rows["online"]["ndcg@10"] = cell(0.18, 0.05)  # keeps 90%, margin 0.08 < 2 x 0.05
+    lines = "\n".join(verdict(rows, None))
+    assert "target >= 95%: **not met**" in lines and "target > 2: **not met**" in lines
+    assert "Serving latency: not measured yet" in lines
