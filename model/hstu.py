@@ -57,22 +57,21 @@ class HSTUBlock(nn.Module):
                               ts_q=next_ts, ts_k=ts, time_bucket_div=self.cfg.time_bucket_div,
                               norm_by_length=self.cfg.norm_by_length)
 
-    def _project(self, x: torch.Tensor, dom: torch.Tensor | None, gathered: bool = False):
+    def _project(self, x: torch.Tensor, dom: torch.Tensor | None):
         """x (..., D), dom (...) row domains (None without adapters) -> u, v, q, k (..., D) each."""
         D = x.shape[-1]
         if self.research:
-            return F.silu(dense(self.uvqk, F.layer_norm(x, (D,), eps=1e-6), dom, gathered)).split(D, dim=-1)
-        u, v, q, k = dense(self.uvqk, self.norm_in(x), dom, gathered).split(D, dim=-1)
+            return F.silu(dense(self.uvqk, F.layer_norm(x, (D,), eps=1e-6), dom)).split(D, dim=-1)
+        u, v, q, k = dense(self.uvqk, self.norm_in(x), dom).split(D, dim=-1)
         return F.silu(u), v, q, k
 
-    def _output(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor, dom: torch.Tensor | None,
-                gathered: bool = False) -> torch.Tensor:
+    def _output(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor, dom: torch.Tensor | None) -> torch.Tensor:
         """Residual + W_o(dropout(gated attention)); x, u, attn (..., D), dom (...)."""
         if self.research:
             o = u * F.layer_norm(attn, (attn.shape[-1],), eps=1e-6)
         else:
             o = torch.cat([u, attn, u * self.norm_attn(attn)], dim=-1)  # (..., 3D)
-        return x + dense(self.out, self.dropout(o), dom, gathered)
+        return x + dense(self.out, self.dropout(o), dom)
 
     def _attention_kw(self) -> dict:
         return dict(alpha=1.0 if self.research else 1.0 / math.sqrt(self.d), norm_const=self.norm_const,
@@ -104,14 +103,14 @@ class HSTUBlock(nn.Module):
         """The same layer on right-padded input, free of data-dependent shapes (torch.export): x (B, N, D),
         lengths (B,) >= 1, ts / next_ts (B, N) -> (B, N, D), or (B, D) with `last_only`. Rows past a
         sequence's length are computed but never read by a valid row (keys past the length are masked).
-        domains (B,): each sequence's domain for adapted layers (gathered form: no data-dependent shapes)."""
+        domains (B,): each sequence's domain for adapted layers."""
         B, N, D = x.shape
         dom = None if domains is None else domains[:, None].expand(B, N)  # (B, N)
-        u, v, q, k = self._project(x, dom, gathered=True)
+        u, v, q, k = self._project(x, dom)
         shape = (B, N, self.H, self.d)
         attn = hstu_attention_padded(q.reshape(shape), k.reshape(shape), v.reshape(shape), lengths,
                                      ts_q=next_ts, ts_k=ts, last_only=last_only, **self._attention_kw())
         if last_only:
             last = (lengths - 1)[:, None, None].expand(B, 1, D)
             x, u, dom = x.gather(1, last)[:, 0], u.gather(1, last)[:, 0], domains  # (B, D), (B,)
-        return self._output(x, u, attn.reshape(*x.shape[:-1], D), dom, gathered=True)
+        return self._output(x, u, attn.reshape(*x.shape[:-1], D), dom)

@@ -60,11 +60,11 @@ class SASRecBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Dropout(cfg.linear_dropout), nn.Linear(D, D))
         self.dropout = nn.Dropout(cfg.linear_dropout)
 
-    def _ffn(self, x: torch.Tensor, dom: torch.Tensor | None, gathered: bool) -> torch.Tensor:
+    def _ffn(self, x: torch.Tensor, dom: torch.Tensor | None) -> torch.Tensor:
         """self.ffn's layers applied one by one, so an adapted Linear gets the rows' domains (the
         nn.Sequential stays: its state-dict keys ffn.0 / ffn.3 are those of every saved SASRec)."""
-        h = self.ffn[2](self.ffn[1](dense(self.ffn[0], x, dom, gathered)))
-        return dense(self.ffn[3], h, dom, gathered)
+        h = self.ffn[2](self.ffn[1](dense(self.ffn[0], x, dom)))
+        return dense(self.ffn[3], h, dom)
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, ts, next_ts, max_len: int,
                 domains: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +74,7 @@ class SASRecBlock(nn.Module):
         q, k, v = qkv.reshape(L, 3, self.H, D // self.H).unbind(1)  # (L, H, d) each
         a = causal_attention(q, k, v, offsets, max_len, self.p if self.training else 0.0).reshape(L, D)
         x = x + self.dropout(dense(self.proj, a, domains))
-        return x + self.dropout(self._ffn(self.norm_ffn(x), domains, False))
+        return x + self.dropout(self._ffn(self.norm_ffn(x), domains))
 
     def forward_padded(self, x: torch.Tensor, lengths: torch.Tensor, ts=None, next_ts=None,
                        last_only: bool = False, domains: torch.Tensor | None = None) -> torch.Tensor:
@@ -82,13 +82,13 @@ class SASRecBlock(nn.Module):
         only, no attention dropout) -> (B, N, D), or (B, D) with `last_only`; domains (B,) per sequence."""
         B, N, D = x.shape
         dom = None if domains is None else domains[:, None].expand(B, N)  # (B, N)
-        qkv = dense(self.qkv, self.norm_attn(x), dom, gathered=True)
+        qkv = dense(self.qkv, self.norm_attn(x), dom)
         q, k, v = qkv.reshape(B, N, 3, self.H, D // self.H).unbind(2)  # (B, N, H, d)
         j = torch.arange(N, device=x.device)
         # causal and in-range keys; a padded row still sees key 0, so SDPA never returns NaN
         mask = (j[:, None] >= j[None, :])[None] & (j[None, :] < lengths[:, None])[:, None, :]  # (B, N, N)
         t = lambda y: y.transpose(1, 2)  # noqa: E731  (B, N, H, d) <-> (B, H, N, d)
         a = t(F.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=mask[:, None])).reshape(B, N, D)
-        x = x + self.dropout(dense(self.proj, a, dom, gathered=True))
-        x = x + self.dropout(self._ffn(self.norm_ffn(x), dom, True))
+        x = x + self.dropout(dense(self.proj, a, dom))
+        x = x + self.dropout(self._ffn(self.norm_ffn(x), dom))
         return x.gather(1, (lengths - 1)[:, None, None].expand(B, 1, D))[:, 0] if last_only else x

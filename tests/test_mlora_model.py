@@ -1,6 +1,6 @@
 """MLoRA inside the HSTU and SASRec models: zero-init adapters give the base model exactly, a mixed-domain
 batch equals each domain's sequences alone (outputs and gradients), a sequence of domain d trains only
-domain d's factors, the padded (exportable, gathered) path equals the jagged one, and a merged model
+domain d's factors, the padded (exportable) path equals the jagged one, and a merged model
 equals the adapted one for its domain."""
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_a_sequence_of_one_domain_trains_only_that_domains_adapter(arch):
 
 
 @pytest.mark.parametrize("arch", ["hstu", "sasrec"])
-def test_padded_gathered_path_equals_the_jagged_grouped_one(arch):
+def test_padded_exportable_path_equals_the_jagged_one(arch):
     model = _model(arch, adapters="mlora", domain_embedding=True).eval()
     with torch.no_grad():
         model.domain_emb.weight.normal_(std=0.1)
