@@ -103,3 +103,19 @@ def test_init_from_starts_a_one_domain_fine_tune_from_the_base_weights(base_run,
                       [f"run_dir={tmp_path / 'bad'}", "model.domain_embedding=true", f"train.init_from={base_run}"])
     with pytest.raises(ConfigError, match="do not fit"):
         pretrain(bad)
+
+
+def test_a_base_run_of_another_shard_set_is_refused_by_init_from_and_adapt(base_run, tmp_path):
+    """Its item ids would mean other items: train.init_from and train adapt --base say so, naming the run."""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(base_run, other)
+    m = json.loads((other / "metrics.json").read_text())
+    m["manifest_hash"] = "f" * 64
+    (other / "metrics.json").write_text(json.dumps(m))
+    cfg = load_config(PretrainConfig, base_run / "config.json",
+                      [f"run_dir={tmp_path / 'ft'}", "train.epochs=1", f"train.init_from={other}"])
+    with pytest.raises(ConfigError, match=r"train.init_from: .*other trained on another shard set .* ffffffffffff vs"):
+        pretrain(cfg)
+    with pytest.raises(ConfigError, match=r"train adapt --base: .*other trained on another shard set"):
+        adapt(base_config(other, [f"run_dir={tmp_path / 'ad'}"]), other)

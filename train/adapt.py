@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 from configs.load import ConfigError, load_config, save_config
 from configs.provenance import git_sha
 from configs.schema import PretrainConfig
-from data_pipeline.read_shards import load_manifest
+from data_pipeline.read_shards import load_manifest, other_shards
 from model.items import load_item_features
 from model.lora import adapter_layers, domain_adapter_state, is_adapter_param, load_backbone, load_domain_adapter
 from model.seqrec import build_model, serving_state
@@ -97,8 +97,8 @@ def main(cfg: PretrainConfig, base: str | Path, domain_names: list[str] = ()) ->
     gen = torch.Generator(device=dev).manual_seed(cfg.train.seed * 1000 + rank)
     manifest = load_manifest(cfg.shards)
     base_metrics = json.loads((base / "metrics.json").read_text())
-    if base_metrics.get("manifest_hash") != manifest["content_hash"]:
-        raise ConfigError(f"{cfg.shards} is not the shard set {base} trained on (manifest hash differs)")
+    if why := other_shards(manifest, base_metrics, base):
+        raise ConfigError(f"train adapt --base: {why}")
     names = manifest["id_maps"]["domains"]
     domains = chosen_domains(manifest, list(domain_names))
     num_items = manifest["vocab"]["num_items"]

@@ -42,7 +42,7 @@ from configs.provenance import file_sha256, git_sha
 from configs.schema import LoaderConfig, PretrainConfig
 from data_pipeline.atomic_dir import swap_into_place
 from data_pipeline.collate import jagged_from_padded
-from data_pipeline.read_shards import cold_items, load_manifest
+from data_pipeline.read_shards import cold_items, load_manifest, other_shards
 from model.seqrec import ENCODE_INPUTS, SeqRecModel, model_from_state, serving_state
 from train.baselines import item_counts
 from train.engine import consolidated_state_dict
@@ -233,9 +233,8 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
     state = serving_state(consolidated_state_dict(run / "ckpt", tag))  # a distilled run's align layer stays behind
     shards = Path(cfg.shards)
     manifest = load_manifest(shards)
-    if manifest["content_hash"] != metrics.get("manifest_hash"):
-        raise ExportError(f"{shards} is not the shard set the run trained on (manifest hash "
-                          f"{manifest['content_hash'][:12]} vs the run's {str(metrics.get('manifest_hash'))[:12]})")
+    if why := other_shards(manifest, metrics, run):
+        raise ExportError(f"{shards} is not the shard set the run trained on: {why}")
     facts = dict(num_items=manifest["vocab"]["num_items"], num_queries=manifest["vocab"]["num_queries"],
                  max_len=cfg.data.max_len, level_sizes=(manifest.get("semantic_ids") or {}).get("level_sizes"),
                  num_domains=manifest["vocab"].get("num_domains", 1))  # as build_model built it for training

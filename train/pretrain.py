@@ -26,7 +26,7 @@ from configs.load import ConfigError, save_config
 from configs.provenance import git_sha
 from configs.schema import PretrainConfig
 from data_pipeline.collate import domain_ids, make_loader
-from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest
+from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest, other_shards
 from model.items import load_item_features
 from model.seqrec import build_model, serving_state
 from train import engine as E
@@ -118,8 +118,8 @@ def init_weights(model: torch.nn.Module, run: Path, manifest: dict, rank: int) -
     metrics = run / "metrics.json"
     if not metrics.exists():
         raise ConfigError(f"train.init_from: {metrics} not found (a finished run is needed)")
-    if json.loads(metrics.read_text()).get("manifest_hash") != manifest["content_hash"]:
-        raise ConfigError(f"train.init_from: {run} trained on another shard set (manifest hash differs)")
+    if why := other_shards(manifest, json.loads(metrics.read_text()), run):
+        raise ConfigError(f"train.init_from: {why}")
     try:
         got = model.load_state_dict(serving_state(E.consolidated_state_dict(run / "ckpt", "best")), strict=False)
     except RuntimeError as e:  # a shape differs

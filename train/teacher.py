@@ -19,7 +19,7 @@ import torch
 
 from configs.load import ConfigError, load_config
 from configs.schema import PretrainConfig
-from data_pipeline.read_shards import load_manifest
+from data_pipeline.read_shards import load_manifest, other_shards
 from model.items import load_item_features
 from model.seqrec import TRAIN_ONLY, SeqRecModel, build_model, serving_state
 from train import engine as E
@@ -49,10 +49,8 @@ def fingerprint(run: str | Path) -> str:
 def check_teacher_data(run: Path, tcfg: PretrainConfig, metrics: dict, manifest: dict, data) -> None:
     """The teacher must have trained on this shard set (item ids mean the same items) and read the student's
     batches as it read its own: no longer sequences than its max_len, query tokens the same way."""
-    if metrics.get("manifest_hash") != manifest["content_hash"]:
-        raise ConfigError(f"distill.teacher: {run} trained on another shard set than {manifest.get('dataset')!r} "
-                          f"here (manifest hash {str(metrics.get('manifest_hash'))[:12]} vs "
-                          f"{manifest['content_hash'][:12]})")
+    if why := other_shards(manifest, metrics, run):
+        raise ConfigError(f"distill.teacher: {why}")
     if data.max_len > tcfg.data.max_len:
         raise ConfigError(f"data.max_len ({data.max_len}) exceeds the teacher's ({tcfg.data.max_len}, "
                           f"{run / 'config.json'}): it has no positions beyond its own")
