@@ -150,7 +150,7 @@ def latency(setup: Setup, runs: Path, name: str, args) -> dict | None:
     if path.exists():
         return json.loads(path.read_text())
     t, s = runs / "teacher_s0", runs / "online_s0"
-    if args.no_train or not all((r / "metrics.json").exists() for r in (t, s)):
+    if args.no_train or args.no_latency or not all((r / "metrics.json").exists() for r in (t, s)):
         return None
     cmd = [sys.executable, "bench/serve.py", "--export", str(export(t)), "--export", str(export(s)),
            "--history", str(setup.history), "--cores", "1", "--encoders", "eager", "--concurrency", "1",
@@ -283,6 +283,8 @@ def main(argv=None):
                    help="extra override for every run, e.g. train.max_steps_per_epoch=5 for a smoke run")
     p.add_argument("--requests", type=int, default=400, help="timed requests per export in the latency run")
     p.add_argument("--no-train", action="store_true", help="only tabulate the finished runs")
+    p.add_argument("--no-latency", action="store_true",
+                   help="skip the serving latency run (run the command again without it when the machine is idle)")
     p.add_argument("--out", default=str(S.ROOT / "bench" / "results"))
     args = p.parse_args(argv)
     setup = SETUPS[args.setup]
