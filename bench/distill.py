@@ -2,7 +2,7 @@
 it serves (issue 16).
 
     python bench/distill.py ml1m                    # ML-1M: HSTU-large teacher -> 2-layer D 32 HSTU
-    python bench/distill.py beauty                  # Amazon Beauty search + rec: the search-stage model -> D 32
+    python bench/distill.py beauty                  # Beauty search + rec: the search-stage model -> 1 layer, D 32
     python bench/distill.py beauty --no-train       # tabulate the finished runs only
     python bench/distill.py ml1m --teacher-epochs 20 --epochs 20   # capped runs (flagged in the table)
 
@@ -48,7 +48,7 @@ SETUPS = {
                   "layers, D 32"),
     "beauty": Setup("configs/pretrain/beauty_search.yaml", "configs/distill/beauty.yaml", 50,
                     "Amazon Beauty search + recommendation: teacher = the search-stage model (2 layers, D 64, "
-                    "id+sid+content, query text); student 2 layers, D 32, same item and query paths"),
+                    "id+sid+content, query text); student 1 layer, D 32, same item and query paths"),
     "synthetic": Setup("configs/pretrain/demo.yaml", "configs/distill/synthetic.yaml", 64,
                        "the synthetic world (a smoke run of this driver: `make demo`'s teacher -> 1 layer, D 16)"),
 }
