@@ -257,7 +257,10 @@ def write(name: str, setup: Setup, rows: dict, lat: dict | None, args, out: Path
         lines += [f"Not run yet: {', '.join(missing)} (`python bench/distill.py {name}` continues).", ""]
     lines += [
         "Test = each user's last event (leave-one-out), tested once at each run's best validation epoch; "
-        "mean ± sd over seeds. Gap recovered = (student - scratch) / (teacher - scratch) on mean test NDCG@10.",
+        "mean ± sd over seeds. Gap recovered = (student - scratch) / (teacher - scratch) on mean test NDCG@10."
+        + (" HR@10 / NDCG@10 rank every user's test event as it happened (a search event with its query, a "
+           "recommendation event from the history alone); search NDCG@10 = the search test targets only, ranked "
+           "as search (metrics.json test_tasks.search)." if search else ""),
         f"Teacher: `{setup.teacher}`; students: `{setup.student}` (scratch = the same student config trained "
         "alone with `train pretrain`, runs/.../student.json). Parameters: non-embedding = blocks and heads, "
         "embedding = item / code / query / position tables (train/teacher.py param_counts; training-only "
