@@ -196,9 +196,10 @@ def verdict(rows: dict, lat: dict | None) -> list[str]:
            f"(target <= 25%: {'met' if ratio <= 0.25 else '**not met**'}).",
            f"NDCG@10 kept: {on_['mean']:.4f} / {tn:.4f} = {keep:.1%} of the teacher "
            f"(target >= 95%: {'met' if keep >= 0.95 else '**not met**'}).",
-           f"Above scratch: {margin:+.4f} NDCG@10, {margin / sd if sd else float('inf'):.1f} x the larger sd "
-           f"({sd:.4f}; target > 2: {'met' if sd and margin > 2 * sd else '**not met**'}) over "
-           f"{on['seeds']} vs {sc['seeds']} seeds."]
+           f"Above scratch: {margin:+.4f} NDCG@10, " + (
+               f"{margin / sd:.1f} x the larger sd ({sd:.4f}; target > 2: "
+               f"{'met' if margin > 2 * sd else '**not met**'})" if sd else
+               "no sd yet (target > 2 sd: not computed)") + f" over {on['seeds']} vs {sc['seeds']} seeds."]
     for kind in ("online", "labels"):
         if kind in rows and tn > sn["mean"]:
             rec = (rows[kind]["ndcg@10"]["mean"] - sn["mean"]) / (tn - sn["mean"])
