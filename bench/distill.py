@@ -26,6 +26,7 @@ import json
 import subprocess
 import sys
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -127,6 +128,7 @@ def teacher_labels(setup: Setup, teacher: Path, runs: Path) -> Path:
     return out
 
 
+@cache  # a finished run never changes, and the table is rewritten after every run: load each model once
 def params(run_dir: Path) -> dict:
     import torch
 
@@ -152,7 +154,8 @@ def latency(setup: Setup, runs: Path, name: str, args) -> dict | None:
     t, s = runs / "teacher_s0", runs / "online_s0"
     if args.no_train or args.no_latency or not all((r / "metrics.json").exists() for r in (t, s)):
         return None
-    cmd = [sys.executable, "bench/serve.py", "--export", str(export(t)), "--export", str(export(s)),
+    exports = {"teacher": str(export(t)), "student": str(export(s))}
+    cmd = [sys.executable, "bench/serve.py", "--export", exports["teacher"], "--export", exports["student"],
            "--history", str(setup.history), "--cores", "1", "--encoders", "eager", "--concurrency", "1",
            "--requests", str(args.requests), "--soak", "0", "--faiss-items", "0", "--tag", f"_distill_{name}",
            "--out", str(runs)]
@@ -161,8 +164,7 @@ def latency(setup: Setup, runs: Path, name: str, args) -> dict | None:
     rec = json.loads((runs / f"serve_distill_{name}.json").read_text())
     rows = {r["dir"]: r for r in rec["latency"]}
     out = dict(command=rec["meta"]["command"], load=rec["meta"].get("load"), requests=args.requests,
-               **{k: {m: rows[str(export(r))][m] for m in ("p50_ms", "p99_ms", "qps")}
-                  for k, r in (("teacher", t), ("student", s))})
+               **{k: {m: rows[d][m] for m in ("p50_ms", "p99_ms", "qps")} for k, d in exports.items()})
     path.write_text(json.dumps(out, indent=2) + "\n")
     return out
 

@@ -47,7 +47,6 @@ def load_manifest(shard_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-
 def other_shards(manifest: dict, run_metrics: dict, run: str | Path) -> str | None:
     """None when the run (its metrics.json) trained on this shard set, else why not, in words: a run's item
     ids mean the items of its own shards only (each caller raises its own error with this text)."""
@@ -56,6 +55,7 @@ def other_shards(manifest: dict, run_metrics: dict, run: str | Path) -> str | No
         return None
     return (f"{run} trained on another shard set than {manifest.get('dataset')!r} here (manifest hash "
             f"{have[:12]} vs {want[:12]})")
+
 
 def shard_urls(shard_dir: str | Path, manifest: dict, skip_bad: bool = False) -> list[str]:
     """Paths of the manifest's shards, checked for presence and size (a truncated copy fails here)."""
