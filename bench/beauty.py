@@ -13,7 +13,7 @@ Steps (each skipped when its output exists, so the command resumes run by run):
    fitted on the warm items; cold items get codes from the saved codebook (configs/content/beauty.yaml,
    the recipe for every category);
 3. one `python -m train pretrain` per (row, seed) under runs/bench_<dataset>/, tested once.
-Results: bench/results/<dataset>.{md,json}, rewritten after every run; published references are shown
+Results: bench/results/<dataset>[<tag>].{md,json}, rewritten after every run; published references are shown
 only for the dataset they were published on.
 """
 from __future__ import annotations
@@ -48,10 +48,11 @@ REFERENCES = {
 REFERENCE_SELECTION = {"TIGER": "TIGER: no model selection reported", "SASRec": "RecBole: validation"}
 AT = ("hr@5", "ndcg@5", "hr@10", "ndcg@10")
 AT10 = ("hr@10", "ndcg@10")
+COLD_SHARE = "cold_share@10"  # train/evaluate.py: cold items' share of the top-10 slots of every test list
 
 
-def run_name(row: str, seed: int) -> str:
-    return f"{row.replace(' ', '_').replace('+', 'p')}_s{seed}"
+def run_name(row: str, seed: int, tag: str = "") -> str:
+    return f"{row.replace(' ', '_').replace('+', 'p')}{tag}_s{seed}"
 
 
 def _prepare(dataset: str, data_dir: str, shards: Path, cold_frac: float) -> dict:
@@ -88,11 +89,13 @@ def ranks_cold(m: dict) -> bool:
 
 def row_cells(ms: list[dict], key: str, all_items: bool = True) -> list[str]:
     """Warm-among-warm @5/@10 (every row: the same candidate set), all-items @5/@10 (rows that rank cold
-    items; '-' otherwise) and cold @10, for the runs' `key` metrics ('test' or 'test_generative')."""
+    items; '-' otherwise), cold @10 and the cold items' share of the top-10 slots, for the runs' `key`
+    metrics ('test' or 'test_generative')."""
     recs = [m[key] for m in ms]
     cells = [_cell([(_slice(r, "warm_among_warm") or {}).get(c) for r in recs]) for c in AT]
     cells += [_cell([r.get(c) for r in recs]) if all_items else "-" for c in AT]
     cells += [_cell([(_slice(r, "cold") or {}).get(c) for r in recs]) if all_items else "not ranked" for c in AT10]
+    cells.append(_cell([r.get(COLD_SHARE) for r in recs]) if all_items else "0 (not ranked)")
     return cells
 
 
@@ -116,7 +119,10 @@ def notes(dataset: str, runs: dict[str, list[dict]], manifest: dict) -> list[str
         n_cold, n_valid = (ps.get("cold") or {}).get("count"), (done[0].get("valid") or {}).get("count")
         if n_cold is not None and t.get("count"):
             out.append(f"Test targets: {t['count']:,} ({n_cold:,} cold, {n_cold / t['count']:.1%}); validation "
-                       f"targets used for selection: " + (f"{n_valid:,}." if n_valid is not None else "n/a."))
+                       f"targets used for selection: " + (f"{n_valid:,}." if n_valid is not None else "n/a.")
+                       + f" 'cold share@10' = the share of all top-10 slots of the test lists that cold items "
+                       f"fill; a model that lists cold items as often as they are targets has {n_cold / t['count']:.1%}"
+                       " (issue 17's bar: within 2x of it).")
     out += ["Columns: 'warm among warm' = warm test targets ranked among the warm items only (cold items "
             "removed from the candidates), the same candidate set for every row, so these columns compare "
             f"across rows; 'all items' = every test target ranked among all {num_items:,} items (a cold target "
@@ -153,7 +159,7 @@ def notes(dataset: str, runs: dict[str, list[dict]], manifest: dict) -> list[str
 
 
 def write_results(dataset: str, runs: dict[str, list[dict]], manifest: dict, command: str,
-                  out: Path | None = None) -> Path:
+                  out: Path | None = None, tag: str = "") -> Path:
     out = Path(out) if out else S.ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     sid = manifest.get("semantic_ids")
@@ -175,7 +181,7 @@ def write_results(dataset: str, runs: dict[str, list[dict]], manifest: dict, com
     summary = {label: dict(model=name, flags=list(key[2]), runs=[m["run"] for m in gs])
                for name, ms in runs.items() for label, key, gs in S.group_runs(name, ms)}
     table_notes += S.flag_notes({k: dict(v, seeds=len(v["runs"])) for k, v in summary.items()})
-    (out / f"{dataset}.json").write_text(json.dumps(dict(**meta, dataset=dataset, semantic_ids=sid, runs=runs,
+    (out / f"{dataset}{tag}.json").write_text(json.dumps(dict(**meta, dataset=dataset, semantic_ids=sid, runs=runs,
                                                          rows=summary, reference=reference, notes=table_notes),
                                                     indent=2) + "\n")
     lines = header(f"{dataset}: item representations, generative head, cold start", meta) + [
@@ -184,8 +190,8 @@ def write_results(dataset: str, runs: dict[str, list[dict]], manifest: dict, com
         "excluded, as in every results table); load = mean 1-min load average while the runs trained "
         "('shared': above the runs' own threads); train sha = the commit each run trained at.", "",
         "| row | seeds | test at | excl. | warm among warm R@5 | N@5 | R@10 | N@10 | all items R@5 | N@5 | R@10 "
-        "| N@10 | cold R@10 | cold N@10 | best epochs | train s | load | train sha |",
-        "|" + "---|" * 18]
+        "| N@10 | cold R@10 | cold N@10 | cold share@10 | best epochs | train s | load | train sha |",
+        "|" + "---|" * 19]
     lines += rows
     pop = next((ms[0]["test_popularity"] for ms in runs.values() if ms and ms[0].get("test_popularity")), None)
     if pop:
@@ -205,7 +211,7 @@ def write_results(dataset: str, runs: dict[str, list[dict]], manifest: dict, com
                   f"{len(sid['level_sizes']) - 1}-code tuple), max group {st['max_group']}, "
                   f"relative reconstruction error {st['recon_rel_error']}."]
     lines += [""] + [f"- {n}" for n in table_notes] + [""]
-    path = out / f"{dataset}.md"
+    path = out / f"{dataset}{tag}.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -223,6 +229,8 @@ def main(argv=None):
     p.add_argument("--runs", help="run directories (default runs/bench_<dataset>)")
     p.add_argument("--out", default=str(S.ROOT / "bench" / "results"), help="where <dataset>.{md,json} go")
     p.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
+    p.add_argument("--tag", default="", help="suffix of the run names and the results file, for a --set probe "
+                   "(bench/beauty_probes.py tabulates every run with its config changes)")
     p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that finished")
     args = p.parse_args(argv)
     if not args.dataset.startswith("amazon-"):
@@ -239,13 +247,13 @@ def main(argv=None):
         config, overrides = ROWS[row]
         runs[row] = []
         for seed in range(args.seeds):
-            run_dir = runs_dir / run_name(row, seed)
+            run_dir = runs_dir / run_name(row, seed, args.tag)
             if args.no_train and not (run_dir / "metrics.json").exists():
                 continue
             m = S.run_one(config, run_dir, shards, seed, overrides + args.set, args.nproc)
             if m:
                 runs[row].append(m)
-            write_results(args.dataset, runs, manifest, command, args.out)
+            write_results(args.dataset, runs, manifest, command, args.out, args.tag)
     if not any(runs.values()):
         print(f"no finished runs under {runs_dir}", file=sys.stderr)
 

@@ -76,6 +76,11 @@ class ModelConfig:
     its semantic-ID code embeddings), 'id+sid', or 'id+sid+content' (+ a projection of its content
     vectors). The sid/content modes read the shard folder's semantic_ids/ and content/
     (`python -m data_pipeline content`), and give never-trained items a usable vector."""
+    id_dropout: float = 0.0
+    """Training only: the chance that one occurrence of an item (an input token, a positive or a negative
+    candidate) is embedded without its id part, i.e. from its codes and content alone, as a never-trained
+    (cold) item always is. Content-only vectors then also appear as negatives and get pushed down, which
+    cold items (never negatives) otherwise never are. Needs an item_repr with 'id' and another part."""
     query_repr: str = "id"
     """How a query token becomes a vector: 'id' (an embedding per distinct query string of the shard
     set), 'text' (its MiniLM text vector, content/queries.npy, projected to model.dim: a query never
@@ -228,6 +233,11 @@ class EvalConfig:
     """Rank each target only among the items of its own domain (manifest item_domain), as a domain's
     own recommender would: multi-source shard sets (Beauty + Sports). Meaningless for user-group domains
     (prepare domain_by age/gender: every domain shares the items), where it is refused."""
+    trace_test: bool = False
+    """Diagnostics: after every validation also rank the test split and measure each item part's norm
+    (warm vs cold items), logged per epoch in log.jsonl as `test_trace` / `item_parts`; never used to
+    select anything. Validation drops cold targets, so this is the only per-epoch view of the cold slice.
+    Doubles evaluation time."""
     select_task: str = "auto"
     """Which validation metric picks the epoch: 'auto' (every target as it comes: a search target with
     its query, any other as recommendation), 'rec' (every target from the history alone) or 'search'

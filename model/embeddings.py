@@ -30,7 +30,8 @@ class TokenEmbedding(nn.Module):
         super().__init__()
         D = cfg.dim
         self.scale = math.sqrt(D)  # the research recipe: item_emb * sqrt(D), embeddings init with std 0.02
-        self.item = ItemEncoder(cfg.item_repr, num_items, D, feats)  # also the retrieval table
+        # also the retrieval table
+        self.item = ItemEncoder(cfg.item_repr, num_items, D, feats, id_dropout=cfg.id_dropout)
         self.query, self.query_proj, self.token_type, self.query_shared = None, None, None, False
         if cfg.query_repr not in QUERY_REPRS:
             raise ValueError(f"model.query_repr must be one of {QUERY_REPRS}, got {cfg.query_repr!r}")

@@ -9,6 +9,7 @@ The same module embeds input tokens and scores candidates, so an item never seen
 item) still gets a vector from its codes and content, both derived from its catalog text / image.
 Codes (I+1, Lc) and content vectors (I+1, F) are fixed buffers (saved with the weights, so an export is
 self-contained); row 0 is padding and always embeds to zero (query tokens carry item id 0).
+`id_dropout` (training only) embeds a share of the occurrences without the id part, as cold items are.
 """
 from __future__ import annotations
 
@@ -56,10 +57,17 @@ def load_item_features(shards_dir: str | Path, cfg: ModelConfig) -> ItemFeatures
 class ItemEncoder(nn.Module):
     """ids (any shape) -> (*ids.shape, D). Mode per ITEM_REPRS; see the module docstring."""
 
-    def __init__(self, item_repr: str, num_items: int, dim: int, feats: ItemFeatures | None = None):
+    def __init__(self, item_repr: str, num_items: int, dim: int, feats: ItemFeatures | None = None,
+                 id_dropout: float = 0.0):
         super().__init__()
         if item_repr not in ITEM_REPRS:
             raise ValueError(f"model.item_repr must be one of {ITEM_REPRS}, got {item_repr!r}")
+        if not 0.0 <= id_dropout < 1.0:
+            raise ValueError(f"model.id_dropout must be in [0, 1), got {id_dropout}")
+        if id_dropout and item_repr in ("id", "sid"):
+            raise ValueError(f"model.id_dropout needs an id part and another one to fall back on "
+                             f"(item_repr 'id+sid' or 'id+sid+content'), got item_repr={item_repr!r}")
+        self.id_dropout = id_dropout
         feats = feats or ItemFeatures()
         self.item_repr, self.num_items = item_repr, num_items
         self.id = None
@@ -92,6 +100,9 @@ class ItemEncoder(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.id(ids) if self.id is not None else 0.0
+        if self.training and self.id_dropout:  # not rescaled: a dropped occurrence looks like a cold item
+            keep = torch.rand(ids.shape, device=ids.device) >= self.id_dropout
+            x = x * keep.unsqueeze(-1).to(x.dtype)
         if self.code_emb is not None:
             x = x + self.code_emb(self.codes[ids] + self.code_offsets).sum(-2)  # (..., Lc, D) -> (..., D)
         if self.content_proj is not None:
@@ -100,6 +111,21 @@ class ItemEncoder(nn.Module):
         if self.id is None or self.code_emb is not None or self.content_proj is not None:
             x = x * (ids != 0).unsqueeze(-1).to(x.dtype)  # padding (id 0) embeds to zero: query tokens rely on it
         return x
+
+
+@torch.no_grad()
+def part_norms(enc: ItemEncoder, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(n,) L2 norm of each part of items `ids`' vectors ('id', 'code', 'content'; those the mode has) and
+    of their sum ('all'), as eval builds them (no id dropout). Through the module calls (ZeRO-3 gathers)."""
+    parts = {}
+    if enc.id is not None:
+        parts["id"] = enc.id(ids)
+    if enc.code_emb is not None:
+        parts["code"] = enc.code_emb(enc.codes[ids] + enc.code_offsets).sum(-2)
+    if enc.content_proj is not None:
+        parts["content"] = enc.content_proj(enc.content[ids].to(enc.content_proj.weight.dtype))
+    parts["all"] = sum(parts.values())
+    return {k: v.float().norm(dim=-1) for k, v in parts.items()}
 
 
 def _checked(t: torch.Tensor | None, what: str, num_items: int) -> torch.Tensor:

@@ -204,6 +204,7 @@ def test_beauty_takes_the_dataset_and_compares_warm_among_warm(tmp_path):
     m = json.loads((gen / "metrics.json").read_text())
     m["test_generative"] = dict(m["test"], per_slice={"warm": sl(0.09), "cold": sl(0.0),
                                                       "warm_among_warm": sl(0.0911)})
+    m["test"]["cold_share@10"] = 0.2345  # issue 17: cold items' share of the top-10 slots
     (gen / "metrics.json").write_text(json.dumps(m))
     beauty.main(["amazon-sports", str(tmp_path / "raw"), "--shards", str(shards), "--runs", str(runs),
                  "--out", str(tmp_path / "out"), "--no-train", "--rows", "hstu id,hstu id+sid+content +gen,sasrec id"])
@@ -216,6 +217,7 @@ def test_beauty_takes_the_dataset_and_compares_warm_among_warm(tmp_path):
     assert "n/a" in rows["hstu id+sid+content +gen"]  # no warm_among_warm key: n/a, no crash
     assert "0.0567" in rows["hstu id+sid+content +gen"]  # it ranks cold items: all-items and cold columns kept
     assert "0.0911" in rows["hstu id+sid+content +gen: generative head (beam)"]
+    assert "| 0.2345 ± 0.0000 |" in rows["hstu id+sid+content +gen"] and "| 0 (not ranked) |" in rows["hstu id"]
     # train s: epochs' training time, validation excluded (not train_seconds_this_run=999); rows only: the
     # header's tabulation git sha may contain "999" (it did: 3999873)
     assert "| 22 |" in rows["hstu id"] and not any("999" in line for line in rows.values())

@@ -3,6 +3,7 @@ warm targets rank among one candidate set for every model (issue 11, items 1, 6,
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from configs.schema import EvalConfig, LoaderConfig
@@ -82,3 +83,24 @@ def test_warm_targets_rank_among_warm_items_for_every_model():
     for out in (content, id_only):  # the same candidate set: the same number
         ww = out["per_slice"]["warm_among_warm"]
         assert ww["count"] == 1 and ww["mrr"] == 1 / 3 and ww["hr@3"] == 1.0
+
+
+def test_cold_share_of_the_top10_lists_by_hand():
+    # issue 17: 12 items, item i at angle 5 * (i - 1) degrees, so the ranking is 1, 2, ..., 12; cold: 1, 11, 12.
+    # 'window' exclusion drops each user's history: top-10 lists are {1-3, 5-11} (2 cold), {2-11} (1 cold),
+    # {1-4, 6-11} (2 cold) -> 5 of 30 slots; 1 of the 3 targets (12) is cold
+    model = FixedModel([5 * i for i in range(12)])
+    batch = make_batch([[4], [1], [5]], [2, 3, 12])
+    cold = torch.tensor([1, 11, 12])
+    for chunk in (1, 3, 5, 16):  # the running top-10 across catalogue chunks
+        cfg = EvalConfig(ks=[10], exclude_history="window", item_chunk=chunk)
+        out = evaluate(model, [(batch, True)], cfg, 12, ["d"], cold=cold)
+        assert out["cold_share@10"] == pytest.approx(5 / 30) and out["cold_target_share"] == pytest.approx(1 / 3)
+    # a model that cannot rank cold items (ID-only) never lists one
+    id_only = evaluate(model, [(batch, True)], cfg, 12, ["d"], cold=cold, unrankable=cold)
+    assert id_only["cold_share@10"] == 0.0
+    # a NaN score takes no slot: with cold = {1, 11} and item 11 NaN, warm item 12 fills its slots
+    cold = torch.tensor([1, 11])
+    assert evaluate(model, [(batch, True)], cfg, 12, ["d"], cold=cold)["cold_share@10"] == pytest.approx(5 / 30)
+    model.embed.item.weight.data[11] = float("nan")
+    assert evaluate(model, [(batch, True)], cfg, 12, ["d"], cold=cold)["cold_share@10"] == pytest.approx(2 / 30)

@@ -102,7 +102,8 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     from train.pretrain import main
     sets = [f"shards={world}", f"run_dir={tmp_path}", "train.epochs=2", "model.num_layers=1", "model.dim=16",
             "model.item_repr=id+sid+content", "model.generative_head=true", "data.num_workers=0",
-            "data.max_len=40", "loss.num_negatives=16", "eval.ks=[5,10]", "eval.beam=10", "train.lr=5e-3"]
+            "data.max_len=40", "loss.num_negatives=16", "eval.ks=[5,10]", "eval.beam=10", "train.lr=5e-3",
+            "eval.trace_test=true"]
     metrics = main(load_config(PretrainConfig, None, sets))
     gen, dot, pop = metrics["test_generative"], metrics["test"], metrics["test_popularity"]
     assert gen["count"] == dot["count"] == pop["count"] > 0
@@ -122,6 +123,17 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     assert tasks["search_generative"]["count"] == tasks["search"]["count"] > 0
     assert dot["per_slice"]["cold"]["count"] == load_manifest(world)["counts"]["cold"]["test_targets"]
     assert json.loads((tmp_path / "config.json").read_text())["model"]["item_repr"] == "id+sid+content"
+    # issue 17: the share of top-10 slots cold items take, for both heads, against the cold targets' share
+    n_cold = load_manifest(world)["counts"]["cold"]["test_targets"]
+    for m in (dot, gen):
+        assert 0 <= m["cold_share@10"] <= 1 and m["cold_target_share"] == pytest.approx(n_cold / dot["count"])
+    # eval.trace_test: every validated epoch also logs the test slices and the item parts' norms
+    epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e.get("kind") == "epoch"]
+    assert len(epochs) == 2 and all(e["test_trace"]["per_slice"]["cold"]["count"] == n_cold for e in epochs)
+    parts = epochs[-1]["item_parts"]
+    assert set(parts) == {"id", "code", "content", "all"} and all(v["warm"] > 0 and v["cold"] > 0
+                                                                  for v in parts.values())
     assert dataclasses.is_dataclass(load_config(PretrainConfig, tmp_path / "config.json"))
 
 
@@ -175,3 +187,27 @@ def test_generative_loss_trains_against_the_warm_items_trie_only(world):
     batch = next(iter(make_loader(world, "train", LoaderConfig(batch_size=32, max_len=40, num_workers=0))))
     losses.compute_loss(m, batch, LossConfig(num_negatives=8), n, torch.Generator().manual_seed(0), warm)
     assert len(asked) == 1 and torch.equal(asked[0], warm)
+
+
+def test_id_dropout_drops_the_id_part_at_its_rate_in_training_only(world):
+    """Issue 17: model.id_dropout embeds a share of the occurrences from codes + content alone (as a cold
+    item is), at the configured rate, never in eval; the default 0 leaves the encoder unchanged."""
+    manifest = load_manifest(world)
+    cfg = tiny(item_repr="id+sid+content", id_dropout=0.3)
+    enc = build_model(cfg, manifest, 40, load_item_features(world, cfg)).embed.item
+    with torch.no_grad():
+        enc.id.weight.add_(1.0)  # every id row clearly non-zero, so a dropped one is visible
+        ids = torch.randint(1, manifest["vocab"]["num_items"] + 1, (20000,))
+        enc.eval()
+        no_id = enc(ids) - enc.id(ids)  # the codes + content part, what a dropped occurrence embeds to
+        torch.manual_seed(0)
+        enc.train()
+        out = enc(ids)
+        dropped = torch.isclose(out, no_id, atol=1e-6).all(-1)
+        kept = torch.isclose(out, no_id + enc.id(ids), atol=1e-6).all(-1)
+        assert (dropped | kept).all() and 0.28 < dropped.float().mean() < 0.32
+        enc.eval()
+        assert torch.equal(enc(ids), no_id + enc.id(ids))  # eval never drops
+        assert enc(torch.tensor([0])).abs().max() == 0  # padding still embeds to zero
+    with pytest.raises(ValueError, match="id_dropout"):
+        build_model(tiny(item_repr="id", id_dropout=0.3), manifest, 40, None)

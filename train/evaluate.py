@@ -48,6 +48,12 @@ class BatchRanks:
     ranks: torch.Tensor  # (B,) among every rankable item
     nonfinite: torch.Tensor  # (B,) bool: the state or the target's score is NaN/inf (counted as a miss)
     warm: torch.Tensor | None = None  # (B,) among the warm items only (cold ones not candidates), given `cold`
+    cold_in_top: torch.Tensor | None = None  # (B,) how many of the COLD_SHARE_AT top slots are cold items
+
+
+# the served list length whose cold share is reported (issue 17: cold items flooded 29% of the top-10 slots
+# of a content model on a held-out category, against 4.6% of the targets being cold)
+COLD_SHARE_AT = 10
 
 
 def _history_mask(batch, ids_lo: int, ids_hi: int, targets: torch.Tensor, rule: str) -> torch.Tensor:
@@ -108,6 +114,7 @@ def rank_targets(scores: Callable[[int, int], torch.Tensor], batch, cfg: EvalCon
         inside = (targets >= lo) & (targets < hi)
         t_score[inside] = s[inside, targets[inside] - lo]
     above, above_cold = torch.zeros_like(targets), torch.zeros_like(targets)
+    top_s, top_cold = None, None  # running top COLD_SHARE_AT scores (B, K) of the ranked items, and is-cold
     for lo, hi in chunks:
         s = cache if cache is not None else scores(lo, hi)
         excluded = _history_mask(batch, lo, hi, targets, cfg.exclude_history)
@@ -122,16 +129,30 @@ def rank_targets(scores: Callable[[int, int], torch.Tensor], batch, cfg: EvalCon
         beats &= ~excluded
         above += beats.sum(1)
         if cold is not None:
-            above_cold += (beats & torch.isin(ids, cold)[None, :]).sum(1)
+            is_cold = torch.isin(ids, cold)
+            above_cold += (beats & is_cold[None, :]).sum(1)
+            top_s, top_cold = _running_top(top_s, top_cold, s.masked_fill(excluded | s.isnan(), -math.inf),
+                                           is_cold.expand_as(s))
     nonfinite = ~torch.isfinite(t_score) if finite_state is None else ~finite_state | ~torch.isfinite(t_score)
     miss = nonfinite if unrankable is None else nonfinite | torch.isin(targets, unrankable)
     if item_domain is not None:  # cannot happen when batch.domain is the target's domain; never a hit
         miss |= item_domain[targets] != batch.domain
     ranks = torch.where(miss, MISS, above + 1)
-    warm = None
+    warm, cold_in_top = None, None
     if cold is not None:  # a cold target has no rank among warm items: a miss in that column
         warm = torch.where(miss | torch.isin(targets, cold), MISS, above - above_cold + 1)
-    return BatchRanks(ranks, nonfinite, warm)
+        cold_in_top = (top_cold & torch.isfinite(top_s)).sum(1)
+    return BatchRanks(ranks, nonfinite, warm, cold_in_top)
+
+
+def _running_top(top_s: torch.Tensor | None, top_flag: torch.Tensor | None, s: torch.Tensor,
+                 flag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge a chunk's scores (B, n) and per-item flags into the running top COLD_SHARE_AT (B, K)."""
+    if top_s is not None:
+        s, flag = torch.cat([top_s, s], 1), torch.cat([top_flag, flag], 1)
+    k = min(COLD_SHARE_AT, s.shape[1])
+    top_s, idx = s.topk(k, dim=1)
+    return top_s, flag.gather(1, idx)
 
 
 def ranks_for_batch(model, batch, cfg: EvalConfig, num_items: int,
@@ -155,14 +176,16 @@ def generative_ranks(model, batch, cfg: EvalConfig, num_items: int, cold: torch.
         items, _ = beam_search(model.gen_head, model.code_trie(), q, cfg.beam, max(cfg.ks), excl)  # (B, K)
         hit = items == targets[:, None]
         first = hit.float().argmax(1) + 1  # 1-based position of the target (items are distinct per row)
-        return torch.where(hit.any(1) & ~nonfinite, first, torch.full_like(first, MISS))
+        return torch.where(hit.any(1) & ~nonfinite, first, torch.full_like(first, MISS)), items
 
-    warm = None
+    ranks, items = decode(exclude)
+    warm, cold_in_top = None, None
     if cold is not None:
         no_cold = exclude.clone()
         no_cold[:, cold] = True
-        warm = torch.where(torch.isin(targets, cold), MISS, decode(no_cold))
-    return BatchRanks(decode(exclude), nonfinite, warm)
+        warm = torch.where(torch.isin(targets, cold), MISS, decode(no_cold)[0])
+        cold_in_top = torch.isin(items[:, :COLD_SHARE_AT], cold).sum(1)  # beam slots past its end are id 0
+    return BatchRanks(ranks, nonfinite, warm, cold_in_top)
 
 
 @torch.no_grad()
@@ -190,6 +213,7 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     D = len(domains)
     sums = torch.zeros(D + 3, len(names) + 1, dtype=torch.float64)  # domains, warm, cold, warm-among-warm
     nonfinite = torch.zeros(1, dtype=torch.float64)
+    cold_slots = torch.zeros(2, dtype=torch.float64)  # cold items in the top COLD_SHARE_AT lists, lists
     # slice name -> (M+1,) sums, made up front: every rank all-reduces the same names, even one without data
     named = {n: torch.zeros(len(names) + 1, dtype=torch.float64) for n in (slices.names if slices else ())}
     by_user = torch.zeros(num_users, dtype=torch.float64)
@@ -209,10 +233,12 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
             is_cold = torch.isin(batch.targets[batch.offsets[1:] - 1], cold).cpu()
             sums.index_add_(0, D + is_cold.long(), vals)
             sums[D + 2] += _with_count(rank_metrics(r.warm, cfg.ks))[~is_cold].sum(0)
+            if r.cold_in_top is not None:
+                cold_slots += torch.tensor([float(r.cold_in_top.sum()), len(is_cold)], dtype=torch.float64)
         for name, member in (slices(batch) if slices else {}).items():
             named[name] += vals[member.cpu()].sum(0)
     model.train(was_training)
-    sums, nonfinite = all_reduce(sums), all_reduce(nonfinite)
+    sums, nonfinite, cold_slots = all_reduce(sums), all_reduce(nonfinite), all_reduce(cold_slots)
     named = {k: all_reduce(v) for k, v in sorted(named.items())}
     by_user = all_reduce(by_user) if num_users else by_user
     out = summarize(sums[:D], names, domains)
@@ -221,6 +247,11 @@ def evaluate(model, batches: Iterable, cfg: EvalConfig, num_items: int, domains:
     if cold is not None:
         out["per_slice"] = {name: _means(sums[D + i], names)
                             for i, name in enumerate(("warm", "cold", "warm_among_warm"))}
+        # the share of served slots cold items take, against the share of targets that are cold: a model
+        # that floods every list with new items has the first far above the second
+        lists = float(cold_slots[1])
+        out[f"cold_share@{COLD_SHARE_AT}"] = float(cold_slots[0]) / (COLD_SHARE_AT * lists) if lists else math.nan
+        out["cold_target_share"] = float(sums[D + 1, -1]) / max(1.0, float(sums[D:D + 2, -1].sum()))
     if num_users:
         out["ranks"] = by_user.long().tolist()
     if named:

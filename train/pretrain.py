@@ -27,7 +27,7 @@ from configs.provenance import git_sha
 from configs.schema import PretrainConfig
 from data_pipeline.collate import domain_ids, make_loader
 from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest, other_shards
-from model.items import load_item_features
+from model.items import load_item_features, part_norms
 from model.seqrec import build_model, serving_state
 from train import engine as E
 from train.baselines import popularity_metrics
@@ -63,6 +63,18 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     out["task"] = task
     out["within_domain"] = cfg.eval.within_domain and not generative
     return out
+
+
+def item_part_norms(model, manifest: dict, dev) -> dict:
+    """Mean L2 norm of each item-vector part over the warm and the cold items (model.items.part_norms):
+    whether the code/content parts grow while the id part is what fits (issue 17's diagnostics)."""
+    n = manifest["vocab"]["num_items"]
+    cold = torch.from_numpy(cold_items(manifest)).to(dev)
+    ids = torch.arange(1, n + 1, device=dev)
+    is_cold = torch.isin(ids, cold)
+    norms = part_norms(model.embed.item, ids)
+    return {part: {"warm": float(v[~is_cold].mean()), "cold": float(v[is_cold].mean()) if len(cold) else None}
+            for part, v in norms.items()}
 
 
 def domain_of_items(manifest: dict, within_domain: bool, dev) -> torch.Tensor | None:
@@ -245,6 +257,10 @@ def fit(eng, run: Run, state: dict, guard: NonFiniteGuard, loss_fn=None) -> floa
             val = run_eval(eng, cfg, split, run.manifest, run.dev, task=cfg.eval.select_task)
             row["eval_seconds"] = round(time.perf_counter() - t_eval, 2)
             row[split] = {k: v for k, v in val.items() if k != "per_domain"}
+            if cfg.eval.trace_test:  # diagnostics only: nothing below reads it
+                trace = run_eval(eng, cfg, "test", run.manifest, run.dev)
+                row["test_trace"] = {k: v for k, v in trace.items() if k != "per_domain"}
+                row["item_parts"] = item_part_norms(eng, run.manifest, run.dev)
             if val["ndcg@10"] > state["best_ndcg"]:  # NaN never beats: a diverged epoch is never best
                 state.update(best_ndcg=val["ndcg@10"], best_epoch=epoch, bad_evals=0, best_valid=val)
                 E.save_checkpoint(eng, run.ckpt, "best", {"state": state}, run.gen)
