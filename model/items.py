@@ -113,6 +113,13 @@ class ItemEncoder(nn.Module):
         return x
 
 
+def content_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The code-embedding and content-projection weights of every ItemEncoder inside `model` (the parts
+    train.content_weight_decay / train.content_lr_mult set apart)."""
+    encs = [m for m in model.modules() if isinstance(m, ItemEncoder)]
+    return [p for e in encs for part in (e.code_emb, e.content_proj) if part is not None for p in part.parameters()]
+
+
 @torch.no_grad()
 def part_norms(enc: ItemEncoder, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """(n,) L2 norm of each part of items `ids`' vectors ('id', 'code', 'content'; those the mode has) and

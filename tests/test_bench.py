@@ -308,3 +308,36 @@ def test_throughput_side_by_side_uses_the_reference_measured_in_the_run(shard_di
     assert ref["ratios"]["step rate (hstu)"] == dict(tokens_per_s=ours, ratio=round(ours / 100, 2))
     md = (tmp_path / "throughput_l2_h1.md").read_text()
     assert "measured in this run" in md and "abc123" in md and "quoted" not in md
+
+
+def test_beauty_probes_tabulate_changes_and_the_traced_cold_peak(tmp_path):
+    """Issue 17's probe table: each run's config changes against its row's recipe, read off the run folder,
+    and the epoch of the best traced test cold R@10 (eval.trace_test runs only)."""
+    from bench import beauty, beauty_probes
+    sl = lambda hr: {"hr@10": hr, "ndcg@10": hr / 3, "count": 10}  # noqa: E731
+    runs = tmp_path / "runs"
+    fake_run(runs, beauty.run_name("hstu id", 0), recipe=beauty.HSTU, item_repr="id",
+             per_slice={"warm": sl(0.11), "cold": sl(0.0), "warm_among_warm": sl(0.1234)})
+    d = fake_run(runs, beauty.run_name("hstu id+sid+content", 0, "_iddrop30"), recipe=beauty.HSTU,
+                 item_repr="id+sid+content", train={"patience": 4},
+                 per_slice={"warm": sl(0.08), "cold": sl(0.0567), "warm_among_warm": sl(0.09)})
+    m = json.loads((d / "metrics.json").read_text())
+    m["test"]["cold_share@10"], m["valid"]["cold_share@10"] = 0.0811, 0.0722
+    (d / "metrics.json").write_text(json.dumps(m))
+    parts = {"id": {"warm": 1.5, "cold": 0.1}, "all": {"warm": 2.0, "cold": 1.0}}
+    trace = [dict(kind="epoch", epoch=i, seconds=1.0, test_trace={"per_slice": {"cold": sl(hr)}}, item_parts=parts)
+             for i, hr in enumerate((0.01, 0.0654, 0.03))]
+    (d / "log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in trace))
+    (runs / "not_a_row_s0").mkdir()  # a folder of no row: skipped
+    beauty_probes.main(["amazon-beauty", "--runs", str(runs), "--out", str(tmp_path / "out")])
+    md = (tmp_path / "out" / "amazon-beauty_probes.md").read_text()
+    rows = {}
+    for line in md.splitlines():  # the probe table comes first, then the norms table
+        if line.startswith("| hstu"):
+            rows.setdefault(line.split(" | ")[0][2:], line)
+    assert set(rows) == {"hstu_id_s0", "hstu_idpsidpcontent_iddrop30_s0"}
+    probe = rows["hstu_idpsidpcontent_iddrop30_s0"]
+    assert "model.item_repr=id+sid+content, train.patience=4" in probe  # changes from the recipe YAML
+    assert "| 0.0722 |" in probe and "| 0.0811 |" in probe and "| 0.0654 at 1 |" in probe
+    assert "| 0.1234 |" in rows["hstu_id_s0"] and rows["hstu_id_s0"].split(" | ")[13] == "-"  # no trace
+    assert "| hstu_idpsidpcontent_iddrop30_s0 | 1.500 / 0.1000 | - | - | 2.000 / 1.0000 |" in md

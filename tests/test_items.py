@@ -211,3 +211,28 @@ def test_id_dropout_drops_the_id_part_at_its_rate_in_training_only(world):
         assert enc(torch.tensor([0])).abs().max() == 0  # padding still embeds to zero
     with pytest.raises(ValueError, match="id_dropout"):
         build_model(tiny(item_repr="id", id_dropout=0.3), manifest, 40, None)
+
+
+def test_content_weight_decay_and_lr_mult_reach_the_code_and_content_parts_only(world):
+    """Issue 17: train.content_weight_decay / content_lr_mult form their own AdamW group holding exactly the
+    code embeddings and the content projection; set_lr (resume with a new train.lr) keeps the multiplier;
+    the defaults leave every group at train.lr and train.weight_decay."""
+    from configs.schema import TrainConfig
+    from model.items import content_parameters
+    from train import engine as E
+    E.setup_distributed()
+    manifest = load_manifest(world)
+    cfg = tiny(item_repr="id+sid+content")
+    m = build_model(cfg, manifest, 40, load_item_features(world, cfg))
+    names = {id(p): n for n, p in m.named_parameters()}
+    eng = E.build_engine(m, TrainConfig(lr=1e-3, weight_decay=0.01, content_weight_decay=0.5, content_lr_mult=0.1),
+                         8, content_parameters(m))
+    base, content = eng.optimizer.param_groups
+    assert sorted(names[id(p)] for p in content["params"]) == ["embed.item.code_emb.weight",
+                                                               "embed.item.content_proj.weight"]
+    assert len(base["params"]) + 2 == len(names) and "embed.item.id.weight" in {names[id(p)] for p in base["params"]}
+    assert (content["weight_decay"], base["weight_decay"]) == (0.5, 0.01)
+    assert content["lr"] == pytest.approx(1e-4) and base["lr"] == 1e-3
+    assert E.set_lr(eng, 2e-3) == pytest.approx(1e-3) and content["lr"] == pytest.approx(2e-4)
+    default = E.build_engine(m, TrainConfig(weight_decay=0.01), 8, content_parameters(m)).optimizer.param_groups
+    assert all(g["weight_decay"] == 0.01 and g["lr"] == 1e-3 for g in default)

@@ -79,14 +79,24 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world: int) -> dict:
     }
 
 
-def build_engine(model: torch.nn.Module, cfg: TrainConfig, micro_batch: int):
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, micro_batch: int,
+                 content_params: list[torch.nn.Parameter] = ()):
     """DeepSpeed engine around `model` with torch AdamW as the client optimizer (DeepSpeed's own Adam
     would JIT-compile a fused kernel: ~80 s on first use, measured on this machine kind). fused=True: one
     kernel for all parameters; HSTU-large's 298k parameters, 1 thread: 5.5 ms per step for-loop, 3.5
-    foreach, 1.2 fused (2026-12-01) - small next to a ~2 s step, but free."""
+    foreach, 1.2 fused (2026-12-01) - small next to a ~2 s step, but free. `content_params` (the item
+    code/content parts) get their own group with train.content_weight_decay and train.content_lr_mult."""
     # only what trains: `adapt` freezes the backbone (requires_grad False) and trains the adapters alone
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                            weight_decay=cfg.weight_decay, fused=True)
+    special = {id(p) for p in content_params}
+    groups = [dict(params=[p for p in model.parameters() if p.requires_grad and id(p) not in special],
+                   lr_mult=1.0)]
+    content = [p for p in content_params if p.requires_grad]
+    if content:
+        decay = cfg.weight_decay if cfg.content_weight_decay < 0 else cfg.content_weight_decay
+        groups.append(dict(params=content, lr=cfg.lr * cfg.content_lr_mult, lr_mult=cfg.content_lr_mult,
+                           weight_decay=decay))
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay,
+                            fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt,
                                            config=ds_config(cfg, micro_batch, dist.get_world_size()))
     return engine
@@ -105,9 +115,9 @@ def set_lr(engine, lr: float) -> float | None:
     run restores the optimizer state, lr included: the config's lr must win, or resuming a diverged run
     with a lower train.lr would silently keep the old one."""
     groups = engine.optimizer.param_groups
-    old = groups[0]["lr"]
-    for g in groups:
-        g["lr"] = lr
+    old = groups[0]["lr"] / groups[0].get("lr_mult", 1.0)
+    for g in groups:  # a group's lr_mult (train.content_lr_mult) survives the reset
+        g["lr"] = lr * g.get("lr_mult", 1.0)
     return old
 
 

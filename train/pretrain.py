@@ -27,7 +27,7 @@ from configs.provenance import git_sha
 from configs.schema import PretrainConfig
 from data_pipeline.collate import domain_ids, make_loader
 from data_pipeline.read_shards import ShardError, check_shards, cold_items, load_manifest, other_shards
-from model.items import load_item_features, part_norms
+from model.items import content_parameters, load_item_features, part_norms
 from model.seqrec import build_model, serving_state
 from train import engine as E
 from train.baselines import popularity_metrics
@@ -230,7 +230,7 @@ def make_engine(model: torch.nn.Module, run: Run):
     resuming = cfg.resume and E.has_checkpoint(run.ckpt, "last")
     if cfg.train.init_from and not resuming:
         init_weights(model, Path(cfg.train.init_from), run.manifest, run.rank)
-    eng = E.build_engine(model, cfg.train, cfg.data.batch_size)
+    eng = E.build_engine(model, cfg.train, cfg.data.batch_size, content_parameters(model))
     state = dict(epoch=-1, best_ndcg=-1.0, best_epoch=-1, bad_evals=0, history=[], skipped_steps=0)
     if resuming:
         state = E.load_checkpoint(eng, run.ckpt, "last", run.gen)["state"]
