@@ -59,12 +59,7 @@ def _prepare(dataset: str, data_dir: str, shards: Path, cold_frac: float) -> dic
     from data_pipeline.read_shards import load_manifest
     S.ensure_shards(dataset, data_dir, shards, ["shards.samples_per_shard=2000",
                                                 f"shards.cold_item_frac={cold_frac}"])
-    if load_manifest(shards).get("semantic_ids") is None:
-        from configs.load import load_config
-        from configs.schema import ContentStageConfig
-        from data_pipeline import content_stage
-        cfg = load_config(ContentStageConfig, S.ROOT / CONTENT, [f"shards={shards}"])
-        content_stage.run(cfg)
+    S.ensure_content(shards, CONTENT)
     return load_manifest(shards)
 
 

@@ -2,10 +2,12 @@
 
     python bench/ml1m.py ../shared/data/ml-1m                       # 3 seeds x 3 models, resumable
     python bench/ml1m.py ../shared/data/ml-1m --models hstu --seeds 1 --set train.epochs=20
+    python bench/ml1m.py ../shared/data/ml-1m --models hstu,hstu_content --shards shards/ml-1m-content \
+        --runs runs/bench_ml1m_content --results ml1m_content         # content tokens vs ID-only
 
 Each run trains up to train.epochs (100, the paper's) with early stopping on validation NDCG@10
 (patience 10), then tests the best epoch once. Re-running the command skips finished runs and resumes
-interrupted ones. Results: bench/results/ml1m{tag}.{md,json}; the notes under the table are written from
+interrupted ones. Results: bench/results/ml1m{tag}.{md,json} (or --results); the notes under the table are written from
 the runs' own metrics.json / config.json (protocol, exclusion rule, changes from the recipe, flags), so a
 --tag/--set variant gets the notes of what it ran.
 """
@@ -22,7 +24,12 @@ from configs.schema import EvalConfig, LoaderConfig  # noqa: E402
 from data_pipeline.read_shards import load_manifest  # noqa: E402
 
 CONFIGS = {"hstu": "configs/pretrain/ml1m_hstu.yaml", "hstu_large": "configs/pretrain/ml1m_hstu_large.yaml",
-           "sasrec": "configs/pretrain/ml1m_sasrec.yaml"}
+           "sasrec": "configs/pretrain/ml1m_sasrec.yaml",
+           "hstu_content": "configs/pretrain/ml1m_hstu.yaml", "hstu_large_content": "configs/pretrain/ml1m_hstu_large.yaml"}
+# the *_content models: the same recipe with each movie's title/genre semantic-ID codes and text vector
+# added to its id embedding (issue 17); their shards need the content stage (--content)
+OVERRIDES = {"hstu_content": ["model.item_repr=id+sid+content"],
+             "hstu_large_content": ["model.item_repr=id+sid+content"]}
 REFERENCE = [  # HSTU paper / generative-recommenders README, full ranking, no validation split
     ("HSTU paper", "SASRec", .2853, .1603, .5474, .2185),
     ("HSTU paper", "HSTU", .3097, .1720, .5754, .2307),
@@ -65,11 +72,19 @@ def main(argv=None):
     p.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun) (default 1)")
     p.add_argument("--set", action="append", default=[], help="config override for every run (repeatable)")
     p.add_argument("--tag", default="", help="suffix of run names and the results file, for variants")
+    p.add_argument("--results", help="name of the results file (default ml1m<tag>)")
+    p.add_argument("--content", default="configs/content/ml1m.yaml", help="content-stage recipe run on the "
+                   "shards (once) when a *_content model is asked for")
     p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that finished")
     p.add_argument("--out", default=str(S.ROOT / "bench" / "results"), help="where the table is written")
     args = p.parse_args(argv)
     shards = Path(args.shards)
     S.ensure_shards("ml-1m", args.data_dir, shards)
+    models = args.models.split(",")
+    if unknown := [m for m in models if m not in CONFIGS]:
+        p.error(f"unknown models {unknown}; choose from {', '.join(CONFIGS)}")
+    if any(m in OVERRIDES for m in models):
+        S.ensure_content(shards, args.content)
     manifest = load_manifest(shards)
     from train.baselines import popularity_metrics  # torch: imported only when a table is made
     pop_cfg = EvalConfig()
@@ -77,16 +92,16 @@ def main(argv=None):
                exclude_history=pop_cfg.exclude_history)
     command = "python bench/ml1m.py " + " ".join(sys.argv[1:] if argv is None else argv)
     runs: dict[str, list[dict]] = {}
-    for model in args.models.split(","):
+    for model in models:
         runs[model] = []
         for seed in range(args.seeds):
             run_dir = Path(args.runs) / f"{model}{args.tag}_s{seed}"
             if args.no_train and not (run_dir / "metrics.json").exists():
                 continue
-            m = S.run_one(CONFIGS[model], run_dir, shards, seed, args.set, args.nproc)
+            m = S.run_one(CONFIGS[model], run_dir, shards, seed, OVERRIDES.get(model, []) + args.set, args.nproc)
             if m:
                 runs[model].append(m)
-            S.write_results(f"ml1m{args.tag}", "ML-1M, full ranking", S.summarize(runs), REFERENCE,
+            S.write_results(args.results or f"ml1m{args.tag}", "ML-1M, full ranking", S.summarize(runs), REFERENCE,
                           notes(runs, manifest), command, {"popularity": pop}, out=args.out)
 
 

@@ -140,6 +140,17 @@ def load_run(run_dir: Path, recipe: str | None = None) -> dict:
     return m
 
 
+def ensure_content(shards: Path, recipe: str) -> None:
+    """`python -m data_pipeline content` with the `recipe` YAML on `shards`, unless they have semantic IDs."""
+    from data_pipeline.read_shards import load_manifest
+    if load_manifest(shards).get("semantic_ids") is not None:
+        return
+    from configs.load import load_config
+    from configs.schema import ContentStageConfig
+    from data_pipeline import content_stage
+    content_stage.run(load_config(ContentStageConfig, ROOT / recipe, [f"shards={shards}"]))
+
+
 def ensure_shards(dataset: str, raw: str, shards: Path, extra: list[str] = ()) -> None:
     if (shards / "manifest.json").exists():
         return
