@@ -104,3 +104,14 @@ def test_cold_share_of_the_top10_lists_by_hand():
     assert evaluate(model, [(batch, True)], cfg, 12, ["d"], cold=cold)["cold_share@10"] == pytest.approx(5 / 30)
     model.embed.item.weight.data[11] = float("nan")
     assert evaluate(model, [(batch, True)], cfg, 12, ["d"], cold=cold)["cold_share@10"] == pytest.approx(2 / 30)
+
+
+def test_popularity_slices_split_targets_at_half_the_training_occurrences():
+    from train.evaluate import PopularitySlices
+    counts = np.array([0, 50, 5, 30, 10, 5])  # 100 occurrences: items 1 (50) alone hold half -> head = {1}
+    sl = PopularitySlices(counts)
+    assert sl.head.tolist() == [1] and sl.head_items == 1
+    assert PopularitySlices(counts, head_share=0.6).head.tolist() == [1, 3]  # 50 + 30 >= 60
+    batch = make_batch([[4], [4], [2]], [1, 3, 5])
+    out = sl(batch)
+    assert out["head_target"].tolist() == [True, False, False] and out["tail_target"].tolist() == [False, True, True]

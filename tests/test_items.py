@@ -115,7 +115,9 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     num_items = load_manifest(world)["vocab"]["num_items"]
     assert gen["hr@10"] > 2 * 10 / (num_items - 40), gen
     # the world has searches: the query slices come with the cold ones
-    assert set(dot["per_slice"]) == {"warm", "cold", "warm_among_warm", "seen_query", "unseen_query"}
+    # (and eval.trace_test adds the head / tail target slices)
+    assert set(dot["per_slice"]) == {"warm", "cold", "warm_among_warm", "seen_query", "unseen_query",
+                                     "head_target", "tail_target"}
     assert dot["per_slice"]["cold"]["count"] > 0
     # the generative head decodes from the query token's state on the search targets too
     tasks = metrics["test_tasks"]
@@ -131,6 +133,12 @@ def test_pretrain_reports_generative_head_and_cold_slices(world, tmp_path):
     epochs = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     epochs = [e for e in epochs if e.get("kind") == "epoch"]
     assert len(epochs) == 2 and all(e["test_trace"]["per_slice"]["cold"]["count"] == n_cold for e in epochs)
+    # ... and head / tail target slices, on validation and the traced test alike (cold targets are tail)
+    for e in epochs:
+        v, t = e["valid"]["per_slice"], e["test_trace"]["per_slice"]
+        assert v["head_target"]["count"] + v["tail_target"]["count"] == e["valid"]["count"]
+        assert t["head_target"]["count"] + t["tail_target"]["count"] == t["warm"]["count"] + t["cold"]["count"]
+        assert t["tail_target"]["count"] >= n_cold and v["head_target"]["count"] > 0
     parts = epochs[-1]["item_parts"]
     assert set(parts) == {"id", "code", "content", "all"} and all(v["warm"] > 0 and v["cold"] > 0
                                                                   for v in parts.values())

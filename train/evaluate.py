@@ -16,6 +16,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -272,6 +273,37 @@ class QuerySlices:
         q = batch.target_query
         unseen = torch.isin(q, self.unseen.to(q.device))
         return {"seen_query": (q > 0) & ~unseen, "unseen_query": (q > 0) & unseen}
+
+
+class PopularitySlices:
+    """Slices for `evaluate` by how often the target was trained on: 'head_target' = one of the most trained
+    items that together hold `head_share` of the training occurrences, 'tail_target' = any other (cold
+    items included: they were never trained). Whether quality on the tail diverges from the head."""
+
+    names = ("head_target", "tail_target")
+
+    def __init__(self, counts: np.ndarray, head_share: float = 0.5):
+        order = np.argsort(-counts, kind="stable")  # (I+1,) most trained first
+        cum = np.cumsum(counts[order])
+        n_head = int(np.searchsorted(cum, head_share * cum[-1])) + 1
+        self.head = torch.from_numpy(np.sort(order[:n_head]))
+        self.head_items = n_head  # how many items hold head_share of the occurrences
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        targets = batch.targets[batch.offsets[1:] - 1]
+        head = torch.isin(targets, self.head.to(targets.device))
+        return {"head_target": head, "tail_target": ~head}
+
+
+class SliceSet:
+    """Several slicers (QuerySlices, PopularitySlices, ...) as one `slices` argument of `evaluate`."""
+
+    def __init__(self, *parts):
+        self.parts = [p for p in parts if p is not None]
+        self.names = tuple(n for p in self.parts for n in p.names)
+
+    def __call__(self, batch) -> dict[str, torch.Tensor]:
+        return {k: v for p in self.parts for k, v in p(batch).items()}
 
 
 def _with_count(metrics: torch.Tensor) -> torch.Tensor:

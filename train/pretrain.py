@@ -30,8 +30,8 @@ from data_pipeline.read_shards import ShardError, check_shards, cold_items, load
 from model.items import content_parameters, load_item_features, part_norms
 from model.seqrec import build_model, serving_state
 from train import engine as E
-from train.baselines import popularity_metrics
-from train.evaluate import QuerySlices, evaluate, generative_ranks
+from train.baselines import item_counts, popularity_metrics
+from train.evaluate import PopularitySlices, QuerySlices, SliceSet, evaluate, generative_ranks
 from train.loop import NonFiniteGuard, dummy_batch, train_epoch
 
 
@@ -57,7 +57,7 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     dummy = lambda: dummy_batch(dev, seen=True)  # its ranks are discarded: any item will do
     out = evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
-                   unrankable=unrankable, slices=_query_slices(manifest, split),
+                   unrankable=unrankable, slices=SliceSet(_query_slices(manifest, split), _popularity_slices(cfg)),
                    num_users=manifest["vocab"]["num_users"] if keep_ranks else 0,
                    item_domain=None if generative else domain_of_items(manifest, cfg.eval.within_domain, dev))
     out["task"] = task
@@ -98,6 +98,20 @@ def train_candidates(manifest: dict, dev) -> torch.Tensor | None:
 
 def has_search_targets(manifest: dict) -> bool:
     return bool((manifest["counts"].get("search") or {}).get("test_search_targets"))
+
+
+_POPULARITY: dict[str, PopularitySlices] = {}  # shards -> slices, counted once per process
+
+
+def _popularity_slices(cfg: PretrainConfig) -> PopularitySlices | None:
+    """Head / tail target slices (eval.trace_test diagnostics only): every rank counts the same items."""
+    if not cfg.eval.trace_test:
+        return None
+    if cfg.shards not in _POPULARITY:
+        n = load_manifest(cfg.shards)["vocab"]["num_items"]
+        counts = item_counts(cfg.shards, n, E.all_reduce_sum, replace(cfg.data, num_workers=0))
+        _POPULARITY[cfg.shards] = PopularitySlices(counts)
+    return _POPULARITY[cfg.shards]
 
 
 def _query_slices(manifest: dict, split: str) -> QuerySlices | None:
