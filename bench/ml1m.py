@@ -25,7 +25,8 @@ from data_pipeline.read_shards import load_manifest  # noqa: E402
 
 CONFIGS = {"hstu": "configs/pretrain/ml1m_hstu.yaml", "hstu_large": "configs/pretrain/ml1m_hstu_large.yaml",
            "sasrec": "configs/pretrain/ml1m_sasrec.yaml",
-           "hstu_content": "configs/pretrain/ml1m_hstu.yaml", "hstu_large_content": "configs/pretrain/ml1m_hstu_large.yaml"}
+           "hstu_content": "configs/pretrain/ml1m_hstu.yaml",
+           "hstu_large_content": "configs/pretrain/ml1m_hstu_large.yaml"}
 # the *_content models: the same recipe with each movie's title/genre semantic-ID codes and text vector
 # added to its id embedding (issue 17); their shards need the content stage (--content)
 OVERRIDES = {"hstu_content": ["model.item_repr=id+sid+content"],

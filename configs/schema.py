@@ -30,6 +30,7 @@ class ModelConfig:
     CHOICES: ClassVar[dict] = {"arch": ("hstu", "sasrec"), "layer_variant": ("research", "production"),
                                  "attention_backend": ("auto", "ref", "triton"),
                                  "item_repr": ("id", "sid", "id+sid", "id+sid+content"),
+                                 "content_norm": ("none", "center", "whiten"),
                                  "query_repr": ("id", "text", "id+text"),
                                  "query_text_proj": ("own", "item_content"),
                                  "adapters": ("none", "mlora")}
@@ -81,6 +82,11 @@ class ModelConfig:
     candidate) is embedded without its id part, i.e. from its codes and content alone, as a never-trained
     (cold) item always is. Content-only vectors then also appear as negatives and get pushed down, which
     cold items (never negatives) otherwise never are. Needs an item_repr with 'id' and another part."""
+    content_norm: str = "none"
+    """What is done to the content vectors before the learned projection: 'none'; 'center' (subtract
+    their mean over the catalogue: MiniLM vectors of Amazon Beauty share one direction, mean cosine .59
+    to the mean vector, so every item's content part starts out alike and cold items, never negatives,
+    score high for everyone); 'whiten' (center, then ZCA-whiten, scaled to a mean norm of 1)."""
     query_repr: str = "id"
     """How a query token becomes a vector: 'id' (an embedding per distinct query string of the shard
     set), 'text' (its MiniLM text vector, content/queries.npy, projected to model.dim: a query never

@@ -31,7 +31,8 @@ class TokenEmbedding(nn.Module):
         D = cfg.dim
         self.scale = math.sqrt(D)  # the research recipe: item_emb * sqrt(D), embeddings init with std 0.02
         # also the retrieval table
-        self.item = ItemEncoder(cfg.item_repr, num_items, D, feats, id_dropout=cfg.id_dropout)
+        self.item = ItemEncoder(cfg.item_repr, num_items, D, feats, id_dropout=cfg.id_dropout,
+                                content_norm=cfg.content_norm)
         self.query, self.query_proj, self.token_type, self.query_shared = None, None, None, False
         if cfg.query_repr not in QUERY_REPRS:
             raise ValueError(f"model.query_repr must be one of {QUERY_REPRS}, got {cfg.query_repr!r}")
@@ -63,6 +64,9 @@ class TokenEmbedding(nn.Module):
         """The query text projection; None = share the item content projection (not registered twice:
         one weight, one state-dict key, as safetensors requires)."""
         self.query_shared = cfg.query_text_proj == "item_content"
+        if self.query_shared and cfg.content_norm != "none":
+            raise ValueError(f"model.query_text_proj='item_content' feeds raw query text vectors to the item "
+                             f"content projection: it needs model.content_norm='none', got {cfg.content_norm!r}")
         if self.query_shared:
             proj = self.item.content_proj
             if proj is None or proj.in_features != H:

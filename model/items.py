@@ -58,7 +58,7 @@ class ItemEncoder(nn.Module):
     """ids (any shape) -> (*ids.shape, D). Mode per ITEM_REPRS; see the module docstring."""
 
     def __init__(self, item_repr: str, num_items: int, dim: int, feats: ItemFeatures | None = None,
-                 id_dropout: float = 0.0):
+                 id_dropout: float = 0.0, content_norm: str = "none"):
         super().__init__()
         if item_repr not in ITEM_REPRS:
             raise ValueError(f"model.item_repr must be one of {ITEM_REPRS}, got {item_repr!r}")
@@ -93,7 +93,7 @@ class ItemEncoder(nn.Module):
             nn.init.trunc_normal_(self.code_emb.weight, std=0.02)
         self.content_proj = None
         if "content" in item_repr:
-            content = _checked(feats.content, "content vectors", num_items).float()
+            content = normalise_content(_checked(feats.content, "content vectors", num_items).float(), content_norm)
             self.register_buffer("content", content)
             self.content_proj = nn.Linear(content.shape[1], dim, bias=False)
             nn.init.normal_(self.content_proj.weight, std=0.02 / content.shape[1] ** 0.5)
@@ -111,6 +111,25 @@ class ItemEncoder(nn.Module):
         if self.id is None or self.code_emb is not None or self.content_proj is not None:
             x = x * (ids != 0).unsqueeze(-1).to(x.dtype)  # padding (id 0) embeds to zero: query tokens rely on it
         return x
+
+
+CONTENT_NORMS = ("none", "center", "whiten")
+
+
+def normalise_content(content: torch.Tensor, how: str) -> torch.Tensor:
+    """(I+1, F) content vectors -> the same, centred or ZCA-whitened with statistics over rows 1..I (the
+    catalogue's text, known for cold items too; no interaction is used); row 0 (padding) stays zero."""
+    if how not in CONTENT_NORMS:
+        raise ValueError(f"model.content_norm must be one of {CONTENT_NORMS}, got {how!r}")
+    if how == "none":
+        return content
+    x = content[1:].double()
+    x = x - x.mean(0)
+    if how == "whiten":
+        evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+        x = x @ (evecs * (evals.clamp_min(0) + 1e-5).rsqrt()) @ evecs.T  # ZCA: unit variance per direction
+        x = x / x.norm(dim=1).mean()  # mean norm 1, the scale the projection's init assumes
+    return torch.cat([torch.zeros_like(content[:1]), x.to(content.dtype)])
 
 
 def content_parameters(model: nn.Module) -> list[nn.Parameter]:

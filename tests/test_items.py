@@ -244,3 +244,25 @@ def test_content_weight_decay_and_lr_mult_reach_the_code_and_content_parts_only(
     assert E.set_lr(eng, 2e-3) == pytest.approx(1e-3) and content["lr"] == pytest.approx(2e-4)
     default = E.build_engine(m, TrainConfig(weight_decay=0.01), 8, content_parameters(m)).optimizer.param_groups
     assert all(g["weight_decay"] == 0.01 and g["lr"] == 1e-3 for g in default)
+
+
+@pytest.mark.parametrize("how", ["center", "whiten"])
+def test_content_norm_centres_or_whitens_the_content_buffer(world, how):
+    """Issue 17: model.content_norm removes the content vectors' shared direction (mean 0 over the catalogue;
+    'whiten': also an identity covariance up to scale, mean norm 1); padding stays zero; 'none' is the raw
+    buffer."""
+    manifest = load_manifest(world)
+    raw = load_item_features(world, tiny(item_repr="id+sid+content")).content
+    m = build_model(tiny(item_repr="id+sid+content", content_norm=how), manifest, 40,
+                    load_item_features(world, tiny(item_repr="id+sid+content")))
+    x = m.embed.item.content
+    assert x[0].abs().max() == 0 and x[1:].mean(0).abs().max() < 1e-5
+    if how == "whiten":
+        cov = (x[1:].T @ x[1:]).double() / (len(x) - 1)
+        big = torch.linalg.eigvalsh(cov)[-min(20, len(x) - 2):]  # the well-determined directions
+        assert big.max() / big.min() < 1.01 and abs(x[1:].norm(dim=1).mean() - 1) < 1e-4
+    else:
+        assert torch.allclose(x[1:], raw[1:] - raw[1:].mean(0), atol=1e-6)
+    feats = load_item_features(world, tiny(item_repr="id+sid+content"))
+    assert torch.equal(build_model(tiny(item_repr="id+sid+content"), manifest, 40, feats).embed.item.content,
+                       raw.float())
