@@ -80,10 +80,10 @@ def main(argv=None):
     p.add_argument("--out", default=str(S.ROOT / "bench" / "results"), help="where the table is written")
     args = p.parse_args(argv)
     shards = Path(args.shards)
-    S.ensure_shards("ml-1m", args.data_dir, shards)
     models = args.models.split(",")
     if unknown := [m for m in models if m not in CONFIGS]:
         p.error(f"unknown models {unknown}; choose from {', '.join(CONFIGS)}")
+    S.ensure_shards("ml-1m", args.data_dir, shards)
     if any(m in OVERRIDES for m in models):
         S.ensure_content(shards, args.content)
     manifest = load_manifest(shards)

@@ -341,3 +341,15 @@ def test_beauty_probes_tabulate_changes_and_the_traced_cold_peak(tmp_path):
     assert "| 0.0722 |" in probe and "| 0.0811 |" in probe and "| 0.0654 at 1 |" in probe
     assert "| 0.1234 |" in rows["hstu_id_s0"] and rows["hstu_id_s0"].split(" | ")[13] == "-"  # no trace
     assert "| hstu_idpsidpcontent_iddrop30_s0 | 1.500 / 0.1000 | - | - | 2.000 / 1.0000 |" in md
+
+
+def test_ml1m_content_models_are_the_recipes_with_content_items(tmp_path, capsys):
+    """Issue 17 item 3: bench/ml1m.py's *_content models train their ID-only recipe with
+    model.item_repr=id+sid+content; an unknown model is refused before any data is touched."""
+    from bench import ml1m
+    for name, base in (("hstu_content", "hstu"), ("hstu_large_content", "hstu_large")):
+        assert ml1m.CONFIGS[name] == ml1m.CONFIGS[base] and ml1m.OVERRIDES[name] == ["model.item_repr=id+sid+content"]
+    assert "hstu" not in ml1m.OVERRIDES
+    with pytest.raises(SystemExit):
+        ml1m.main([str(tmp_path / "no-such-raw"), "--models", "hstu,hstu_cotent", "--shards", str(tmp_path / "s")])
+    assert "hstu_cotent" in capsys.readouterr().err and not (tmp_path / "s").exists()
