@@ -92,12 +92,16 @@ def allowed_items(num_items: int, candidates: torch.Tensor | None, dev) -> torch
 def teacher_topk(states: torch.Tensor, table: torch.Tensor, k: int, temperature: float,
                  allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """states (P, Dt), table (I+1, Dt) unit norm -> (P, k) ids of the best allowed items, best first, and
-    their logits (cosine / temperature). Scored TOPK_CHUNK positions at a time: memory (chunk x I)."""
+    their logits (cosine / temperature). Scored TOPK_CHUNK positions at a time: memory (chunk x I).
+    Only the allowed rows are scored (their ids mapped back) instead of masking the rest with -inf: on an
+    ML-1M step (13,116 positions x 3,707 items, k 100, 1 thread, a shared machine) 0.80 s against 1.01 s,
+    the same logits (ids may differ only in the order of exactly tied scores, as topk does not fix it)."""
+    keep = allowed.nonzero().squeeze(1)  # (n,) allowed ids, sorted
+    sub = table[keep].float()  # (n, Dt)
     ids, logits = [], []
     for lo in range(0, states.shape[0], TOPK_CHUNK):
-        s = (states[lo:lo + TOPK_CHUNK].float() @ table.float().T).masked_fill(~allowed[None, :], float("-inf"))
-        top = s.topk(k, dim=1)  # (chunk, k), sorted
-        ids.append(top.indices)
+        top = (states[lo:lo + TOPK_CHUNK].float() @ sub.T).topk(k, dim=1)  # (chunk, k), sorted
+        ids.append(keep[top.indices])
         logits.append(top.values / temperature)
     if not ids:
         return states.new_zeros(0, k, dtype=torch.long), states.new_zeros(0, k, dtype=torch.float32)
