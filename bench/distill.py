@@ -5,6 +5,7 @@ it serves (issue 16).
     python bench/distill.py beauty                  # Beauty search + rec: the search-stage model -> 1 layer, D 32
     python bench/distill.py beauty --no-train       # tabulate the finished runs only
     python bench/distill.py ml1m --teacher-epochs 20 --epochs 20   # capped runs (flagged in the table)
+    python bench/distill.py ml1m --latency-only     # latency of what finished, alone; train the rest later
 
 Steps (each skipped when its output exists, so the command resumes run by run):
 1. shards (ML-1M: `data_pipeline prepare`; Beauty: bench/search.py's search shards + content), raw data
@@ -291,13 +292,19 @@ def main(argv=None):
     p.add_argument("--no-train", action="store_true", help="only tabulate the finished runs")
     p.add_argument("--no-latency", action="store_true",
                    help="skip the serving latency run (run the command again without it when the machine is idle)")
+    p.add_argument("--latency-only", action="store_true",
+                   help="train nothing more: measure the latency of the finished teacher and online_s0 (alone on "
+                   "the machine), then tabulate; the remaining runs train on a later call")
     p.add_argument("--out", default=str(S.ROOT / "bench" / "results"))
     args = p.parse_args(argv)
+    if args.latency_only and (args.no_train or args.no_latency):
+        p.error("--latency-only measures latency: it goes with neither --no-train nor --no-latency")
     setup = SETUPS[args.setup]
     runs = Path(args.runs) if args.runs else S.ROOT / "runs" / f"bench_distill_{args.setup}"
     runs.mkdir(parents=True, exist_ok=True)
-    shards = None if args.no_train else prepare(args.setup, args.data_root)
-    for kind, seed in [] if args.no_train else plan():
+    idle = args.no_train or args.latency_only
+    shards = None if idle else prepare(args.setup, args.data_root)
+    for kind, seed in [] if idle else plan():
         if train(kind, seed, setup, shards, runs, args) is None and kind == "teacher":
             sys.exit(f"the teacher run {runs / 'teacher_s0'} failed")
         write(args.setup, setup, summarize(finished(runs, setup)), None, args, Path(args.out))

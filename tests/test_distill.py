@@ -417,3 +417,14 @@ def test_bench_verdict_computes_gap_keep_and_margin():
     lines = "\n".join(verdict(rows, None))
     assert "target >= 95%: **not met**" in lines and "target > 2: **not met**" in lines
     assert "Serving latency: not measured yet" in lines
+
+
+def test_bench_latency_only_trains_nothing(tmp_path, capsys):
+    """--latency-only measures what finished and trains nothing more; it refuses the flags that skip latency."""
+    from bench import distill as bench_distill
+    with pytest.raises(SystemExit):
+        bench_distill.main(["synthetic", "--latency-only", "--no-latency", "--runs", str(tmp_path / "r")])
+    assert "--latency-only" in capsys.readouterr().err
+    bench_distill.main(["synthetic", "--latency-only", "--runs", str(tmp_path / "r"), "--out", str(tmp_path / "o")])
+    assert not any((tmp_path / "r").iterdir())  # no run started, no latency (nothing finished)
+    assert (tmp_path / "o" / "distill_synthetic.md").exists()
