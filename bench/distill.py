@@ -202,7 +202,9 @@ def verdict(rows: dict, lat: dict | None) -> list[str]:
            f"Above scratch: {margin:+.4f} NDCG@10, " + (
                f"{margin / sd:.1f} x the larger sd ({sd:.4f}; target > 2: "
                f"{'met' if margin > 2 * sd else '**not met**'})" if sd else
-               "no sd yet (target > 2 sd: not computed)") + f" over {on['seeds']} vs {sc['seeds']} seeds."]
+               "no sd yet (target > 2 sd: not computed)") + f" over {on['seeds']} vs {sc['seeds']} seeds"
+           + (" (provisional: one side has a single seed, its spread is unknown)."
+              if sd and min(on["seeds"], sc["seeds"]) < 2 else ".")]
     for kind in ("online", "labels"):
         if kind in rows and tn > sn["mean"]:
             rec = (rows[kind]["ndcg@10"]["mean"] - sn["mean"]) / (tn - sn["mean"])
