@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import seqrec as S  # noqa: E402
-from bench.beauty import COLD_SHARE, ROWS, run_name  # noqa: E402
+from bench.beauty import COLD_SHARE, ROWS, _slice, run_name  # noqa: E402
 from bench.record import header, metadata  # noqa: E402
 
 
@@ -32,8 +32,9 @@ def row_of(run: str) -> str | None:
     return max(hits, key=len) if hits else None
 
 
-def _slice(rec: dict | None, part: str, metric: str):
-    return (((rec or {}).get("per_slice") or {}).get(part) or {}).get(metric)
+def _metric(rec: dict | None, part: str, metric: str):
+    """`metric` of slice `part` of an evaluation record (None when either is missing)."""
+    return (_slice(rec or {}, part) or {}).get(metric)
 
 
 def traced_cold_peak(run_dir: Path) -> dict | None:
@@ -43,8 +44,8 @@ def traced_cold_peak(run_dir: Path) -> dict | None:
     traced = [r for r in rows if r.get("kind") == "epoch" and r.get("test_trace")]
     if not traced:
         return None
-    best = max(traced, key=lambda r: _slice(r["test_trace"], "cold", "hr@10") or -1.0)
-    return dict(epoch=best["epoch"], cold_hr10=_slice(best["test_trace"], "cold", "hr@10"),
+    best = max(traced, key=lambda r: _metric(r["test_trace"], "cold", "hr@10") or -1.0)
+    return dict(epoch=best["epoch"], cold_hr10=_metric(best["test_trace"], "cold", "hr@10"),
                 item_parts=traced[-1].get("item_parts"))
 
 
@@ -59,10 +60,10 @@ def collect(runs_dir: Path) -> list[dict]:
         out.append(dict(run=d.name, row=row, changes=m["changes"], best_epoch=m["best_epoch"],
                         epochs_run=m["epochs_run"], flags=m["flags"], train_sha=m["train_sha"],
                         valid={"hr@10": v.get("hr@10"), "ndcg@10": v.get("ndcg@10"), COLD_SHARE: v.get(COLD_SHARE)},
-                        test={"warm_among_warm_hr@10": _slice(t, "warm_among_warm", "hr@10"),
-                              "warm_among_warm_ndcg@10": _slice(t, "warm_among_warm", "ndcg@10"),
+                        test={"warm_among_warm_hr@10": _metric(t, "warm_among_warm", "hr@10"),
+                              "warm_among_warm_ndcg@10": _metric(t, "warm_among_warm", "ndcg@10"),
                               "hr@10": t.get("hr@10"), "ndcg@10": t.get("ndcg@10"),
-                              "cold_hr@10": _slice(t, "cold", "hr@10"), COLD_SHARE: t.get(COLD_SHARE),
+                              "cold_hr@10": _metric(t, "cold", "hr@10"), COLD_SHARE: t.get(COLD_SHARE),
                               "cold_target_share": t.get("cold_target_share")},
                         trace=traced_cold_peak(d)))
     return out

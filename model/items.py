@@ -98,16 +98,24 @@ class ItemEncoder(nn.Module):
             self.content_proj = nn.Linear(content.shape[1], dim, bias=False)
             nn.init.normal_(self.content_proj.weight, std=0.02 / content.shape[1] ** 0.5)
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.id(ids) if self.id is not None else 0.0
-        if self.training and self.id_dropout:  # not rescaled: a dropped occurrence looks like a cold item
-            keep = torch.rand(ids.shape, device=ids.device) >= self.id_dropout
-            x = x * keep.unsqueeze(-1).to(x.dtype)
+    def parts(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """ids -> each part the mode has ('id', 'code', 'content'), (*ids.shape, D) each, in summation order."""
+        out = {}
+        if self.id is not None:
+            out["id"] = self.id(ids)
         if self.code_emb is not None:
-            x = x + self.code_emb(self.codes[ids] + self.code_offsets).sum(-2)  # (..., Lc, D) -> (..., D)
+            out["code"] = self.code_emb(self.codes[ids] + self.code_offsets).sum(-2)  # (..., Lc, D) -> (..., D)
         if self.content_proj is not None:
             # the buffer stays fp32 when an engine casts parameters (DeepSpeed bf16): match the weight
-            x = x + self.content_proj(self.content[ids].to(self.content_proj.weight.dtype))
+            out["content"] = self.content_proj(self.content[ids].to(self.content_proj.weight.dtype))
+        return out
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        parts = self.parts(ids)
+        if self.training and self.id_dropout:  # not rescaled: a dropped occurrence looks like a cold item
+            keep = torch.rand(ids.shape, device=ids.device) >= self.id_dropout
+            parts["id"] = parts["id"] * keep.unsqueeze(-1).to(parts["id"].dtype)
+        x = sum(parts.values())
         if self.id is None or self.code_emb is not None or self.content_proj is not None:
             x = x * (ids != 0).unsqueeze(-1).to(x.dtype)  # padding (id 0) embeds to zero: query tokens rely on it
         return x
@@ -143,13 +151,7 @@ def content_parameters(model: nn.Module) -> list[nn.Parameter]:
 def part_norms(enc: ItemEncoder, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """(n,) L2 norm of each part of items `ids`' vectors ('id', 'code', 'content'; those the mode has) and
     of their sum ('all'), as eval builds them (no id dropout). Through the module calls (ZeRO-3 gathers)."""
-    parts = {}
-    if enc.id is not None:
-        parts["id"] = enc.id(ids)
-    if enc.code_emb is not None:
-        parts["code"] = enc.code_emb(enc.codes[ids] + enc.code_offsets).sum(-2)
-    if enc.content_proj is not None:
-        parts["content"] = enc.content_proj(enc.content[ids].to(enc.content_proj.weight.dtype))
+    parts = enc.parts(ids)
     parts["all"] = sum(parts.values())
     return {k: v.float().norm(dim=-1) for k, v in parts.items()}
 

@@ -57,7 +57,8 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     dummy = lambda: dummy_batch(dev, seen=True)  # its ranks are discarded: any item will do
     out = evaluate(eng, E.lockstep(batches, dummy), ecfg, manifest["vocab"]["num_items"],
                    manifest["id_maps"]["domains"], all_reduce=E.all_reduce_sum, cold=cold, ranker=ranker,
-                   unrankable=unrankable, slices=SliceSet(_query_slices(manifest, split), _popularity_slices(cfg)),
+                   unrankable=unrankable,
+                   slices=SliceSet(_query_slices(manifest, split), _popularity_slices(cfg, manifest)),
                    num_users=manifest["vocab"]["num_users"] if keep_ranks else 0,
                    item_domain=None if generative else domain_of_items(manifest, cfg.eval.within_domain, dev))
     out["task"] = task
@@ -103,13 +104,13 @@ def has_search_targets(manifest: dict) -> bool:
 _POPULARITY: dict[str, PopularitySlices] = {}  # shards -> slices, counted once per process
 
 
-def _popularity_slices(cfg: PretrainConfig) -> PopularitySlices | None:
+def _popularity_slices(cfg: PretrainConfig, manifest: dict) -> PopularitySlices | None:
     """Head / tail target slices (eval.trace_test diagnostics only): every rank counts the same items."""
     if not cfg.eval.trace_test:
         return None
     if cfg.shards not in _POPULARITY:
-        n = load_manifest(cfg.shards)["vocab"]["num_items"]
-        counts = item_counts(cfg.shards, n, E.all_reduce_sum, replace(cfg.data, num_workers=0))
+        counts = item_counts(cfg.shards, manifest["vocab"]["num_items"], E.all_reduce_sum,
+                             replace(cfg.data, num_workers=0))
         _POPULARITY[cfg.shards] = PopularitySlices(counts)
     return _POPULARITY[cfg.shards]
 
