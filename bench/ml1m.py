@@ -4,6 +4,8 @@
     python bench/ml1m.py ../shared/data/ml-1m --models hstu --seeds 1 --set train.epochs=20
     python bench/ml1m.py ../shared/data/ml-1m --models hstu,hstu_content --shards shards/ml-1m-content \
         --runs runs/bench_ml1m_content --results ml1m_content         # content tokens vs ID-only
+    python bench/ml1m.py ../shared/data/ml-1m --models hstu_content --shards shards/ml-1m-content \
+        --runs runs/bench_ml1m_content --results ml1m_content --compare ml1m.json  # ... vs the committed rows
 
 Each run trains up to train.epochs (100, the paper's) with early stopping on validation NDCG@10
 (patience 10), then tests the best epoch once. Re-running the command skips finished runs and resumes
@@ -14,6 +16,7 @@ the runs' own metrics.json / config.json (protocol, exclusion rule, changes from
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -76,6 +79,9 @@ def main(argv=None):
     p.add_argument("--results", help="name of the results file (default ml1m<tag>)")
     p.add_argument("--content", default="configs/content/ml1m.yaml", help="content-stage recipe run on the "
                    "shards (once) when a *_content model is asked for")
+    p.add_argument("--compare", help="a results JSON under --out (e.g. ml1m.json) whose rows are shown as well, "
+                   "each labelled with its file, commit and date (rows of runs made by another command: same "
+                   "split only if that file's shards were prepared with the same settings)")
     p.add_argument("--no-train", action="store_true", help="train nothing: tabulate the runs that finished")
     p.add_argument("--out", default=str(S.ROOT / "bench" / "results"), help="where the table is written")
     args = p.parse_args(argv)
@@ -102,8 +108,23 @@ def main(argv=None):
             m = S.run_one(CONFIGS[model], run_dir, shards, seed, OVERRIDES.get(model, []) + args.set, args.nproc)
             if m:
                 runs[model].append(m)
-            S.write_results(args.results or f"ml1m{args.tag}", "ML-1M, full ranking", S.summarize(runs), REFERENCE,
-                          notes(runs, manifest), command, {"popularity": pop}, out=args.out)
+            summary, extra = S.summarize(runs), []
+            if args.compare:
+                summary, extra = compared(summary, Path(args.out) / args.compare)
+            S.write_results(args.results or f"ml1m{args.tag}", "ML-1M, full ranking", summary, REFERENCE,
+                          notes(runs, manifest) + extra, command, {"popularity": pop}, out=args.out)
+
+
+def compared(summary: dict, path: Path) -> tuple[dict, list[str]]:
+    """`summary` + the model rows of another results JSON (written by this driver), each labelled with where
+    it comes from, and the note that says so."""
+    other = json.loads(path.read_text())
+    label = f"{path.name}, git {other['git_sha']}, {other['date']}"
+    rows = {f"{name} [{label}]": row for name, row in other["results"].items()}
+    return {**summary, **rows}, [f"Rows marked [{label}] are copied from {path.name} ({other['command']!r}), "
+                                 f"not trained by this command (different commit, run directories not kept); their "
+                                 f"shards were made by this driver's default `prepare` of the same raw folder "
+                                 f"(same split settings), so they rank the same test targets."]
 
 
 if __name__ == "__main__":

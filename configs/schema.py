@@ -31,6 +31,7 @@ class ModelConfig:
                                  "attention_backend": ("auto", "ref", "triton"),
                                  "item_repr": ("id", "sid", "id+sid", "id+sid+content"),
                                  "content_norm": ("none", "center", "whiten"),
+                                 "cold_item_id": ("random", "zero"),
                                  "query_repr": ("id", "text", "id+text"),
                                  "query_text_proj": ("own", "item_content"),
                                  "adapters": ("none", "mlora")}
@@ -82,6 +83,12 @@ class ModelConfig:
     candidate) is embedded without its id part, i.e. from its codes and content alone, as a never-trained
     (cold) item always is. Content-only vectors then also appear as negatives and get pushed down, which
     cold items (never negatives) otherwise never are. Needs an item_repr with 'id' and another part."""
+    cold_item_id: str = "random"
+    """The id rows of the items held out of training (the shard manifest's cold items), which never get a
+    gradient (never an input, a positive or a negative): 'random' (initialised like every row, norm ~.16
+    at D 64, noise added to a cold item's codes + content) or 'zero' (zero, and they stay zero: a cold
+    item is then embedded exactly as an id-dropped occurrence is in training, see model.id_dropout).
+    Training is otherwise identical, so only the cold items' scores change."""
     content_norm: str = "none"
     """What is done to the content vectors before the learned projection: 'none'; 'center' (subtract
     their mean over the catalogue: MiniLM vectors of Amazon Beauty share one direction, mean cosine .59

@@ -98,6 +98,15 @@ class ItemEncoder(nn.Module):
             self.content_proj = nn.Linear(content.shape[1], dim, bias=False)
             nn.init.normal_(self.content_proj.weight, std=0.02 / content.shape[1] ** 0.5)
 
+    @torch.no_grad()
+    def zero_id_rows(self, ids: torch.Tensor) -> None:
+        """Zero the id rows of `ids` (model.cold_item_id='zero'); rows no loss reaches stay zero under AdamW
+        (zero gradient, zero moments, decay of zero is zero). Needs an id part and another one."""
+        if self.id is None or (self.code_emb is None and self.content_proj is None):
+            raise ValueError(f"model.cold_item_id='zero' needs an id part and another one to fall back on "
+                             f"(item_repr 'id+sid' or 'id+sid+content'), got item_repr={self.item_repr!r}")
+        self.id.weight[ids.long()] = 0.0
+
     def parts(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """ids -> each part the mode has ('id', 'code', 'content'), (*ids.shape, D) each, in summation order."""
         out = {}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from configs.schema import ModelConfig
+from data_pipeline.read_shards import cold_items
 from model.embeddings import TokenEmbedding, jagged_positions
 from model.generative import CodeTrie, GenerativeHead
 from model.hstu import HSTUBlock
@@ -139,7 +140,12 @@ def build_model(cfg: ModelConfig, manifest: dict, max_len: int, feats: ItemFeatu
     """The model for a shard set: vocab sizes come from its manifest; `feats` (semantic-ID codes, content
     vectors) from `model.items.load_item_features` when cfg.item_repr needs them."""
     v = manifest["vocab"]
-    return SeqRecModel(cfg, v["num_items"], v["num_queries"], max_len, feats, num_domains=v.get("num_domains", 1))
+    model = SeqRecModel(cfg, v["num_items"], v["num_queries"], max_len, feats, num_domains=v.get("num_domains", 1))
+    if cfg.cold_item_id == "zero":
+        model.embed.item.zero_id_rows(torch.from_numpy(cold_items(manifest)))
+    elif cfg.cold_item_id != "random":
+        raise ValueError(f"model.cold_item_id must be 'random' or 'zero', got {cfg.cold_item_id!r}")
+    return model
 
 
 def _add_adapters(blocks: nn.ModuleList, cfg: ModelConfig, num_domains: int) -> list[str]:

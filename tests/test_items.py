@@ -266,3 +266,38 @@ def test_content_norm_centres_or_whitens_the_content_buffer(world, how):
     feats = load_item_features(world, tiny(item_repr="id+sid+content"))
     assert torch.equal(build_model(tiny(item_repr="id+sid+content"), manifest, 40, feats).embed.item.content,
                        raw.float())
+
+
+def test_cold_item_id_zero_keeps_cold_rows_at_zero_and_changes_nothing_else(world, tmp_path):
+    """Issue 17: model.cold_item_id='zero' zeroes the held-out items' id rows at build time and they stay
+    zero through real training (AdamW weight decay included); the warm items train exactly as with the
+    default 'random' rows (same per-epoch warm-among-warm test ranks), so only cold items' scores change."""
+    from train.pretrain import main
+    manifest = load_manifest(world)
+    cold = torch.from_numpy(cold_items(manifest))
+    assert len(cold) > 0
+    cfgs = {how: tiny(item_repr="id+sid+content", id_dropout=0.2, cold_item_id=how) for how in ("random", "zero")}
+    torch.manual_seed(0)
+    rnd = build_model(cfgs["random"], manifest, 40, load_item_features(world, cfgs["random"])).embed.item.id.weight
+    torch.manual_seed(0)
+    zero = build_model(cfgs["zero"], manifest, 40, load_item_features(world, cfgs["zero"])).embed.item.id.weight
+    warm = torch.ones(len(rnd), dtype=torch.bool)
+    warm[cold] = False
+    assert zero[cold].abs().max() == 0 and rnd[cold].abs().min() > 0 and torch.equal(zero[warm], rnd[warm])
+    traces = {}
+    for how in ("random", "zero"):
+        run = tmp_path / how
+        sets = [f"shards={world}", f"run_dir={run}", "train.epochs=2", "model.num_layers=1", "model.dim=16",
+                "model.item_repr=id+sid+content", "model.id_dropout=0.2", f"model.cold_item_id={how}",
+                "data.num_workers=0", "data.max_len=40", "loss.num_negatives=16", "eval.ks=[10]",
+                "train.lr=5e-3", "train.weight_decay=0.1", "eval.trace_test=true"]
+        main(load_config(PretrainConfig, None, sets))
+        epochs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        traces[how] = [e for e in epochs if e.get("kind") == "epoch"]
+    for r, z in zip(traces["random"], traces["zero"], strict=True):
+        assert z["item_parts"]["id"]["cold"] == 0.0 < z["item_parts"]["id"]["warm"]
+        assert r["item_parts"]["id"]["cold"] > 0
+        assert r["item_parts"]["id"]["warm"] == z["item_parts"]["id"]["warm"]
+        assert r["test_trace"]["per_slice"]["warm_among_warm"] == z["test_trace"]["per_slice"]["warm_among_warm"]
+    with pytest.raises(ValueError, match="cold_item_id"):
+        build_model(tiny(item_repr="id", cold_item_id="zero"), manifest, 40, None)
