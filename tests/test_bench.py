@@ -183,6 +183,23 @@ def test_ml1m_notes_follow_the_protocol_of_the_runs(tmp_path):
     assert "patience 10" in nv and "128 uniform negatives" in nv  # read off the YAML
 
 
+def test_ml1m_compare_rows_are_labelled_with_their_file_commit_and_date(tmp_path):
+    from bench import ml1m
+    from bench.seqrec import load_run, summarize, write_results
+    other = {"git_sha": "9c19c26", "date": "2026-11-22", "command": "python bench/ml1m.py X",
+             "results": summarize({"hstu": [load_run(fake_run(tmp_path, "hstu_s0", test={"hr@10": 0.28,
+                                                                                   "ndcg@10": 0.158}), ML1M_HSTU)]})}
+    (tmp_path / "ml1m.json").write_text(json.dumps(other))
+    mine = summarize({"hstu_content": [load_run(fake_run(tmp_path, "c_s0", test={"hr@10": 0.29, "ndcg@10": 0.16}),
+                                                ML1M_HSTU)]})
+    summary, notes = ml1m.compared(mine, tmp_path / "ml1m.json")
+    assert list(summary) == ["hstu_content", "hstu [ml1m.json, git 9c19c26, 2026-11-22]"]
+    assert "not trained by this command" in notes[0] and "python bench/ml1m.py X" in notes[0]
+    write_results("t", "T", summary, [], notes, "cmd", {}, out=tmp_path / "out")
+    md = (tmp_path / "out" / "t.md").read_text()
+    assert "| hstu [ml1m.json, git 9c19c26, 2026-11-22] | 1 |" in md and "0.2800" in md
+
+
 def _beauty_manifest(shards):
     shards.mkdir(parents=True)
     stats = dict(fitted_on_items=90, assigned_after_fit=10, usage=[1.0, 0.5], collision_rate=0.01, max_group=2,
