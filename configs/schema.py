@@ -261,6 +261,18 @@ class EvalConfig:
     """Which validation metric picks the epoch: 'auto' (every target as it comes: a search target with
     its query, any other as recommendation), 'rec' (every target from the history alone) or 'search'
     (search targets only, with their query; the search-only control)."""
+    cold_offset: float = 0.0
+    """Added to every cold item's (manifest split_rule.cold_items) retrieval score, in evaluation and in
+    the export's item index, so serving ranks as the evaluation did. It sets how often items that were
+    never trained (and never negatives) enter the lists: an id+sid+content model gave them 32% of the
+    Beauty top-10 slots at 0, for 4.6% of the targets (issue 17). Cosine units (a score is state . unit
+    item vector); the dot-product ranking only, not the generative head's beam."""
+    calibrate_cold: bool = False
+    """After training, choose cold_offset on validation with no test data (train/calibrate.py): of the
+    offsets -0.1..+0.1 in steps of 0.005, the one whose validation cold share@10 is closest to the cold
+    items' share of the catalogue (a new item expected to be listed as often as an average one;
+    validation has no cold targets, so nothing else there can choose it). Recorded in metrics.json
+    (cold_offset, cold_calibration) and used by the test evaluation and the export."""
 
 
 @dataclass

@@ -93,7 +93,7 @@ class Recommender:
             encoder = "aoti" if "program_aoti.pt2" in exp.record["files"] else "program"
         self.exp, self.encoder = exp, encoder
         self.program = exp.load_program(encoder) if encoder != "eager" else None
-        self.index = build_index(exp.table, exp.servable, index, **index_kw)
+        self.index = build_index(exp.table, exp.servable, index, bias=exp.bias, **index_kw)
         self.num_servable = int(exp.servable.sum())
         self.time_bias = bool(exp.config["model"]["time_bias"])
         self.ranks = not exp.config["has_timestamps"]  # timestamps are chronological ranks

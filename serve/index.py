@@ -1,9 +1,10 @@
 """Top-k retrieval over the exported item table: exact (default) or faiss (very large catalogues).
 
-    index = build_index(table, servable, kind="exact")   # table (I+1, D) unit rows, row 0 = padding
+    index = build_index(table, servable, kind="exact", bias=bias)   # table (I+1, D) unit rows, row 0 = padding
     ids, scores = index.search(states, k, exclude)        # states (B, D) -> (B, k) int64, (B, k) float32
 
-Scores are the model's retrieval scores, <state, item> on unit vectors (cosine). Row 0 (padding) and
+Scores are the model's retrieval scores, <state, item> on unit vectors (cosine) + the item's `bias`
+(the export's eval.cold_offset on cold items, 0 elsewhere; the evaluation adds the same). Row 0 (padding) and
 rows with `servable` False (an ID-only model's never-trained items: offline evaluation does not rank
 them either) are never returned; `exclude[b]` (dense ids) are never returned for request b.
 Ties are broken by the lower item id, so an answer does not depend on the batch it was computed in.
@@ -20,11 +21,12 @@ class ExactIndex:
     """Brute-force inner product in fp32: (B x D) @ (D x I), then a top-k. 12k items x D 64 is 0.8M
     multiply-adds per request; a 1M-item catalogue ~50M (a few ms on one core)."""
 
-    def __init__(self, table: torch.Tensor, servable: torch.Tensor):
+    def __init__(self, table: torch.Tensor, servable: torch.Tensor, bias: torch.Tensor | None = None):
         self.table_t = table.float().T.contiguous()  # (D, I+1)
         blocked = ~servable.bool()
         blocked[0] = True
-        self.offset = torch.zeros(len(blocked)).masked_fill_(blocked, -torch.inf)  # (I+1,) added to every row
+        offset = torch.zeros(len(blocked)) if bias is None else bias.float().clone()
+        self.offset = offset.masked_fill_(blocked, -torch.inf)  # (I+1,) added to every row
         self.num_servable = int((~blocked).sum())
 
     def search(self, states: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
@@ -66,10 +68,11 @@ def valid_hits(ids: np.ndarray, scores: np.ndarray) -> list[tuple[int, float]]:
 class FaissIndex:
     """faiss IVF-Flat inner-product index over the servable rows (faiss-cpu, the `faiss` extra). It
     searches `nprobe` of `nlist` clusters, so it is approximate: bench/serve.py reports its recall@100
-    against ExactIndex. Excluded ids are filtered after an over-fetch of k + len(exclude)."""
+    against ExactIndex. Excluded ids are filtered after an over-fetch of k + len(exclude). A non-zero `bias`
+    is one more column of the indexed rows, met by a constant 1 in every state: <[s, 1], [v, b]> = <s, v> + b."""
 
     def __init__(self, table: torch.Tensor, servable: torch.Tensor, nlist: int | None = None, nprobe: int = 32,
-                 seed: int = 0):
+                 seed: int = 0, bias: torch.Tensor | None = None):
         try:
             import faiss
         except ImportError as e:
@@ -77,7 +80,11 @@ class FaissIndex:
         servable = servable.bool().clone()
         servable[0] = False
         self.ids = torch.nonzero(servable, as_tuple=True)[0].numpy().astype(np.int64)  # faiss row -> dense id
-        x = np.ascontiguousarray(table.float().numpy()[self.ids])  # (n, D)
+        x = table.float().numpy()[self.ids]  # (n, D)
+        self.biased = bias is not None and bool(bias.abs().max() > 0)
+        if self.biased:
+            x = np.concatenate([x, bias.float().numpy()[self.ids, None]], axis=1)  # (n, D+1)
+        x = np.ascontiguousarray(x)
         n, D = x.shape
         self.nlist = nlist or max(1, min(4 * int(np.sqrt(n)), n // 39))  # faiss warns below 39 points per list
         quantizer = faiss.IndexFlatIP(D)
@@ -91,7 +98,10 @@ class FaissIndex:
 
     def search(self, states: torch.Tensor, k: int, exclude: list[np.ndarray] | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
-        q = np.ascontiguousarray(torch.as_tensor(states, dtype=torch.float32).numpy())
+        q = torch.as_tensor(states, dtype=torch.float32).numpy()
+        if self.biased:
+            q = np.concatenate([q, np.ones((len(q), 1), np.float32)], axis=1)
+        q = np.ascontiguousarray(q)
         extra = max((len(e) for e in exclude), default=0) if exclude else 0
         fetch = min(k + extra, self.num_servable)
         scores, rows = self.index.search(q, fetch)  # (B, fetch); rows -1 where a probe found too few
@@ -104,8 +114,10 @@ class FaissIndex:
         return _drop_blocked(out_ids, out_scores)
 
 
-def build_index(table: torch.Tensor, servable: torch.Tensor, kind: str = "exact", **kw) -> ExactIndex | FaissIndex:
-    """table (I+1, D) unit rows, servable (I+1,) bool -> an index with `search(states, k, exclude)`."""
+def build_index(table: torch.Tensor, servable: torch.Tensor, kind: str = "exact", bias: torch.Tensor | None = None,
+                **kw) -> ExactIndex | FaissIndex:
+    """table (I+1, D) unit rows, servable (I+1,) bool, bias (I+1,) or None -> an index with
+    `search(states, k, exclude)`."""
     if kind not in INDEX_KINDS:
         raise ValueError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
-    return ExactIndex(table, servable) if kind == "exact" else FaissIndex(table, servable, **kw)
+    return ExactIndex(table, servable, bias) if kind == "exact" else FaissIndex(table, servable, bias=bias, **kw)

@@ -50,6 +50,7 @@ class Export:
     items: list[dict]  # items.jsonl.gz rows; items[i - 1] is dense id i
     index_of: dict[str, int]  # raw item id -> dense id
     popular: np.ndarray  # servable dense ids, most trained-on first (the empty-history fallback)
+    bias: torch.Tensor | None = None  # (I+1,) added to every item's score: eval.cold_offset on cold rows
     queries: list[str] = field(default_factory=list)  # queries.json: query id -> string (0 = ""); [] = none
     query_of: dict[str, int] = field(default_factory=dict)  # query string -> query id (ids >= 1)
 
@@ -223,9 +224,11 @@ def load_export(path: str | Path) -> Export:
     index = load_file(path / "item_index.safetensors")
     table, servable = index.get("items"), index.get("servable")
     I, D = int(config["num_items"]), int(config["dim"])
-    if table is None or servable is None or table.shape != (I + 1, D) or servable.shape != (I + 1,):
-        raise ExportLoadError(f"{path / 'item_index.safetensors'} must hold items ({I + 1}, {D}) and servable "
-                              f"({I + 1},) for config.json's catalogue")
+    bias = index.get("bias", torch.zeros(I + 1))  # exports before eval.cold_offset have none: 0
+    if table is None or servable is None or table.shape != (I + 1, D) or servable.shape != (I + 1,) \
+            or bias.shape != (I + 1,):
+        raise ExportLoadError(f"{path / 'item_index.safetensors'} must hold items ({I + 1}, {D}), servable "
+                              f"({I + 1},) and, when present, bias ({I + 1},) for config.json's catalogue")
     items = _load_items(path, I)
     index_of = {r["item_id"]: r["id"] for r in items}
     counts = np.array([0] + [r.get("train_count", 0) for r in items], dtype=np.int64)
@@ -233,4 +236,4 @@ def load_export(path: str | Path) -> Export:
     popular = ids[np.lexsort((ids, -counts[ids]))]  # most trained-on first, ties by id
     queries = _load_queries(path, record, config, model)
     return Export(path, record, config, model, table.float(), servable.bool(), items, index_of, popular,
-                  queries, {q: i for i, q in enumerate(queries) if i > 0})
+                  bias.float(), queries, {q: i for i, q in enumerate(queries) if i > 0})

@@ -301,3 +301,73 @@ def test_cold_item_id_zero_keeps_cold_rows_at_zero_and_changes_nothing_else(worl
         assert r["test_trace"]["per_slice"]["warm_among_warm"] == z["test_trace"]["per_slice"]["warm_among_warm"]
     with pytest.raises(ValueError, match="cold_item_id"):
         build_model(tiny(item_repr="id", cold_item_id="zero"), manifest, 40, None)
+
+
+def test_cold_calibration_offsets_move_only_cold_scores_and_b0_is_the_runs_own_evaluation(world, tmp_path):
+    """train/calibrate.py through bench/cold_calibration.py: at offset 0 its ranking equals the run's own test
+    evaluation (same rules); a large positive offset puts cold items on top of every list, a large negative
+    one removes them; the offset it chooses comes from the validation share alone."""
+    from bench.cold_calibration import analyse, write
+    from train.pretrain import main
+    run = tmp_path / "run"
+    main(load_config(PretrainConfig, None, [
+        f"shards={world}", f"run_dir={run}", "train.epochs=1", "model.num_layers=1", "model.dim=16",
+        "model.item_repr=id+sid+content", "data.num_workers=0", "data.max_len=40", "loss.num_negatives=16",
+        "eval.ks=[10]"]))
+    test = json.loads((run / "metrics.json").read_text())["test"]
+    r = analyse(run, [-3.0, 0.0, 0.1, 3.0])
+    own = r["test"]["0.0"]
+    for got, want in ((own["all"]["hr@10"], test["hr@10"]), (own["all"]["ndcg@10"], test["ndcg@10"]),
+                      (own["cold"]["hr@10"], test["per_slice"]["cold"]["hr@10"]),
+                      (own["warm"]["ndcg@10"], test["per_slice"]["warm"]["ndcg@10"]),
+                      (own["cold_share"], test["cold_share@10"])):
+        assert got == pytest.approx(want, abs=1e-12)
+    top, none = r["test"]["3.0"], r["test"]["-3.0"]
+    n_cold = len(cold_items(load_manifest(world)))
+    assert none["cold_share"] == 0.0 and none["cold"]["hr@10"] == 0.0
+    assert top["cold_share"] > 0.9 * min(1.0, n_cold / 10) and top["cold"]["hr@10"] >= own["cold"]["hr@10"]
+    assert top["warm"]["hr@10"] <= own["warm"]["hr@10"] <= none["warm"]["hr@10"]  # cold items only push warm down
+    share = r["catalogue_cold_share"]
+    gap = lambda b: (abs(r["valid"][str(b)]["cold_share"] - share), abs(b))
+    assert r["chosen_offset"] == min(r["offsets"], key=gap)
+    md = write([r], tmp_path / "out", "synthetic", "python bench/cold_calibration.py run").read_text()
+    assert "chosen on valid" in md and "test sweep (diagnostic)" in md
+
+
+def test_calibrate_cold_chooses_on_validation_tests_with_it_and_the_export_serves_it(world, tmp_path):
+    """eval.calibrate_cold: pretrain picks the offset by the validation rule, tests with it (metrics.json
+    equals an evaluation at that fixed eval.cold_offset), and the export's item index carries it on the
+    cold rows, so the served scores are the evaluated ones; bad settings stop before training."""
+    from configs.load import ConfigError
+    from serve.engine import Recommender
+    from serve.load import load_export
+    from train.calibrate import OFFSETS, choose_offset
+    from train.export import main as export
+    from train.pretrain import main
+    base = [f"shards={world}", "train.epochs=1", "model.num_layers=1", "model.dim=16", "data.num_workers=0",
+            "model.item_repr=id+sid+content", "data.max_len=40", "loss.num_negatives=16", "eval.ks=[10]"]
+    m = main(load_config(PretrainConfig, None, base + [f"run_dir={tmp_path / 'cal'}", "eval.calibrate_cold=true"]))
+    cal = m["cold_calibration"]
+    shares = {float(b): v for b, v in cal["valid_cold_share"].items()}
+    assert cal["offset"] != 0  # the synthetic world picks +0.005: the bias checks below see a real offset
+    assert sorted(shares) == OFFSETS and m["cold_offset"] == cal["offset"] == choose_offset(shares, cal["target_share"])
+    assert cal["target_share"] == len(cold_items(load_manifest(world))) / load_manifest(world)["vocab"]["num_items"]
+    fixed = main(load_config(PretrainConfig, None, base + [f"run_dir={tmp_path / 'fixed'}",
+                                                           f"eval.cold_offset={cal['offset']}"]))
+    assert fixed["test"] == m["test"] and fixed["cold_calibration"] is None
+    plain = main(load_config(PretrainConfig, None, base + [f"run_dir={tmp_path / 'plain'}"]))
+    assert cal["test_uncalibrated"] == plain["test"] != m["test"]
+    export(tmp_path / "cal", tmp_path / "export")
+    exp = load_export(tmp_path / "export")
+    cold = torch.from_numpy(cold_items(load_manifest(world)))
+    want = torch.zeros(len(exp.bias))
+    want[cold] = cal["offset"]
+    assert torch.equal(exp.bias, want) and exp.record["cold_offset"] == cal["offset"]
+    rec = Recommender(exp, encoder="eager")
+    states = torch.nn.functional.normalize(torch.randn(3, exp.table.shape[1]), dim=-1)
+    ids, scores = rec.index.search(states, 5)
+    want_scores = states @ exp.table.T + want
+    assert torch.allclose(torch.from_numpy(scores), want_scores.gather(1, torch.from_numpy(ids)), atol=1e-6)
+    for bad in (["model.item_repr=id", "eval.cold_offset=0.1"], ["eval.calibrate_cold=true", "train.select=best_test"]):
+        with pytest.raises(ConfigError, match="calibrate_cold"):
+            main(load_config(PretrainConfig, None, base + [f"run_dir={tmp_path / 'bad'}"] + bad))

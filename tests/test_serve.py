@@ -528,6 +528,26 @@ def test_faiss_with_every_list_probed_equals_exact(exp, world):
         assert [s for _, s in a.hits] == pytest.approx([s for _, s in b.hits], rel=1e-5, abs=1e-6)
 
 
+def test_item_bias_is_added_to_scores_by_exact_and_faiss_alike(exp):
+    """eval.cold_offset reaches serving as the index's per-item bias: exact adds it to every score; faiss
+    carries it as one more column met by a 1 in the state, so with every list probed both agree."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(13)
+    bias = torch.zeros(exp.num_items + 1)
+    bias[torch.from_numpy(rng.choice(np.arange(1, exp.num_items + 1), 10, replace=False))] = 0.3
+    states = torch.nn.functional.normalize(torch.from_numpy(rng.standard_normal((6, exp.table.shape[1])).astype(
+        np.float32)), dim=1)
+    exact, approx = (build_index(exp.table, exp.servable, kind, bias=bias, **kw)
+                     for kind, kw in (("exact", {}), ("faiss", dict(nlist=4, nprobe=4))))
+    (ei, es), (fi, fs) = exact.search(states, 20), approx.search(states, 20)
+    want = (states @ exp.table.T + bias).masked_fill(~exp.servable, -torch.inf)
+    want[:, 0] = -torch.inf
+    assert torch.allclose(torch.from_numpy(es), want.topk(20, dim=1).values, atol=1e-6)
+    assert np.array_equal(ei, fi) and np.allclose(es, fs, atol=1e-5)
+    plain_ids, _ = build_index(exp.table, exp.servable).search(states, 20)
+    assert not np.array_equal(plain_ids, ei)  # the bias changed the lists
+
+
 @pytest.mark.parametrize("nprobe", [4, 1])
 def test_faiss_respects_exclude_and_never_returns_non_servable(exp, nprobe):
     pytest.importorskip("faiss")

@@ -79,6 +79,17 @@ def _history_mask(batch, ids_lo: int, ids_hi: int, targets: torch.Tensor, rule: 
     return mask
 
 
+def item_scores(model, q: torch.Tensor, lo: int, hi: int, cold: torch.Tensor | None = None,
+                cold_offset: float = 0.0) -> torch.Tensor:
+    """q (B, D) states -> (B, hi - lo) retrieval scores of items lo..hi-1: state . unit item vector, + the
+    cold items' `cold_offset` (eval.cold_offset). Through the embedding module, so ZeRO-3 gathers it."""
+    ids = torch.arange(lo, hi, device=q.device)
+    s = q @ F.normalize(model.embed.item(ids).float(), dim=-1, eps=1e-6).T
+    if cold_offset and cold is not None:
+        s = s + cold_offset * torch.isin(ids, cold).to(s.dtype)
+    return s
+
+
 def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch.Tensor | None = None,
                 cold: torch.Tensor | None = None, item_domain: torch.Tensor | None = None) -> BatchRanks:
     """Full-ranking ranks of each sequence's target among items 1..num_items.
@@ -87,13 +98,10 @@ def score_batch(model, batch, cfg: EvalConfig, num_items: int, unrankable: torch
     among the warm items only (BatchRanks.warm), so models that can and cannot rank cold items compare on
     one candidate set. Non-finite scores never help: a NaN state or target score is a miss, and a NaN
     candidate score counts as beating the target (NaN compares False, so it would otherwise rank first).
-    `item_domain` (num_items + 1,): rank each target only among the items of its sequence's domain."""
+    `item_domain` (num_items + 1,): rank each target only among the items of its sequence's domain.
+    Cold items' scores get cfg.cold_offset."""
     q = model(batch, last_only=True).float()  # (B, D)
-
-    def scores(lo, hi):  # (B, hi - lo); through the embedding module so ZeRO-3 gathers its weight
-        ids = torch.arange(lo, hi, device=q.device)
-        return q @ F.normalize(model.embed.item(ids).float(), dim=-1, eps=1e-6).T
-
+    scores = lambda lo, hi: item_scores(model, q, lo, hi, cold, cfg.cold_offset)  # (B, hi - lo)
     return rank_targets(scores, batch, cfg, num_items, torch.isfinite(q).all(1), unrankable, cold, item_domain)
 
 

@@ -132,6 +132,13 @@ def export_program(model: SeqRecModel, max_len: int):
         return torch.export.export(Encoder(model), tuple(h["padded"][k] for k in inputs), dynamic_shapes=dyn)
 
 
+def cold_offset(cfg, metrics: dict) -> float:
+    """The score offset of cold items the run was tested with: metrics.json's (eval.calibrate_cold, or any
+    run since it was recorded), else the config's eval.cold_offset."""
+    got = metrics.get("cold_offset")
+    return float(cfg.eval.cold_offset if got is None else got)
+
+
 @torch.no_grad()
 def item_table(model: SeqRecModel, chunk: int = 65536) -> torch.Tensor:
     """(I+1, D) unit-norm item vectors (row 0 = padding, zero), exactly as the evaluator scores them."""
@@ -272,7 +279,12 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
     servable[0] = False
     if cfg.model.item_repr == "id" and len(cold):  # no trained vector: offline evaluation does not rank them
         servable[cold] = False
-    save_file({"items": item_table(model), "servable": torch.from_numpy(servable)}, tmp / "item_index.safetensors")
+    # eval.cold_offset (metrics.json's when eval.calibrate_cold chose it) on the cold rows, so serving ranks as
+    # the evaluation did; 0 elsewhere
+    bias = torch.zeros(facts["num_items"] + 1)
+    bias[torch.from_numpy(cold[servable[cold]])] = cold_offset(cfg, metrics)
+    save_file({"items": item_table(model), "servable": torch.from_numpy(servable), "bias": bias},
+              tmp / "item_index.safetensors")
     counts = item_counts(shards, facts["num_items"], loader=LoaderConfig(skip_bad_shards=cfg.data.skip_bad_shards))
     with gzip.open(tmp / "items.jsonl.gz", "wt") as f:
         for row in item_rows(shards, manifest, servable, counts):
@@ -288,6 +300,7 @@ def main(run: str | Path, out: str | Path, tag: str = "best", dtype: str = "fp32
                   run_config_sha256=file_sha256(run / "config.json"), manifest_hash=manifest["content_hash"],
                   dataset=manifest["dataset"], test=metrics.get("test"), test_generative=metrics.get("test_generative"),
                   command=command or " ".join(["python -m train export"] + sys.argv[2:]), dtype=dtype,
+                  cold_offset=cold_offset(cfg, metrics),
                   program_max_abs_diff=program_diff, aoti_max_abs_diff=aoti_diff,
                   merged_domain=merge_domain_name, merge_max_abs_diff=merge_diff,
                   export_seconds=round(export_s, 1))

@@ -31,6 +31,7 @@ from model.items import content_parameters, load_item_features, part_norms
 from model.seqrec import build_model, serving_state
 from train import engine as E
 from train.baselines import item_counts, popularity_metrics
+from train.calibrate import OFFSETS, choose_offset, offset_sweep
 from train.evaluate import PopularitySlices, QuerySlices, SliceSet, evaluate, generative_ranks
 from train.loop import NonFiniteGuard, dummy_batch, train_epoch
 
@@ -64,6 +65,21 @@ def run_eval(eng, cfg: PretrainConfig, split: str, manifest: dict, dev, generati
     out["task"] = task
     out["within_domain"] = cfg.eval.within_domain and not generative
     return out
+
+
+def calibrate_cold(eng, cfg: PretrainConfig, manifest: dict, dev) -> dict:
+    """eval.calibrate_cold: the validation split ranked at every offset of train.calibrate.OFFSETS; the
+    offset whose validation cold share@10 is closest to the cold items' catalogue share (no test data)."""
+    cold = torch.from_numpy(cold_items(manifest)).to(dev)
+    num_items = manifest["vocab"]["num_items"]
+    batches = (b.to(dev) for b in make_loader(cfg.shards, "valid", _eval_loader(cfg), shuffle=False,
+                                              task=cfg.eval.select_task))
+    curve = offset_sweep(eng, E.lockstep(batches, lambda: dummy_batch(dev, seen=True)), cfg.eval, num_items,
+                         cold, OFFSETS, all_reduce=E.all_reduce_sum)
+    shares = {b: m["cold_share"] for b, m in curve.items()}
+    target = len(cold) / num_items
+    return dict(offset=choose_offset(shares, target), target_share=target, rule="valid cold share@10 closest to "
+                "the catalogue share", valid_cold_share={str(b): v for b, v in shares.items()})
 
 
 def item_part_norms(model, manifest: dict, dev) -> dict:
@@ -225,6 +241,13 @@ def open_run(cfg: PretrainConfig) -> Run:
                          "trains without them)")
     if bad_shards and rank == 0:
         print(f"warning: skipping {len(bad_shards)} of {len(manifest['shards'])} shards: " + "; ".join(bad_shards))
+    if (cfg.eval.calibrate_cold or cfg.eval.cold_offset) and (not len(cold_items(manifest))
+                                                             or cfg.model.item_repr == "id"):
+        raise ConfigError(f"eval.calibrate_cold / eval.cold_offset need cold items the model can rank: {cfg.shards} "
+                          f"holds {len(cold_items(manifest))} (shards.cold_item_frac) and model.item_repr is "
+                          f"{cfg.model.item_repr!r} (an ID-only model does not rank cold items)")
+    if cfg.eval.calibrate_cold and cfg.train.select == "best_test":
+        raise ConfigError("eval.calibrate_cold chooses on validation: train.select='best_test' has none")
     try:
         domain_ids(cfg.shards, cfg.data.domains)  # data.domains names known domains, or the run stops here
     except ValueError as e:
@@ -309,6 +332,10 @@ def finish(eng, run: Run, state: dict, train_seconds: float, extra: dict | None 
         state["best_epoch"] = state["epoch"]
     E.load_checkpoint(eng, run.ckpt, "last" if cfg.train.select == "last" else "best", None,
                       with_optimizer=False)
+    calibration = calibrate_cold(eng, cfg, manifest, dev) if cfg.eval.calibrate_cold else None
+    if calibration:  # every test evaluation below (and the export, from metrics.json) uses the chosen offset
+        calibration["test_uncalibrated"] = run_eval(eng, cfg, "test", manifest, dev)  # what calibration changed
+        cfg = replace(cfg, eval=replace(cfg.eval, cold_offset=calibration["offset"]))
     test = run_eval(eng, cfg, "test", manifest, dev)
     tasks = test_tasks(eng, cfg, manifest, dev)
     test_generative = None
@@ -321,7 +348,7 @@ def finish(eng, run: Run, state: dict, train_seconds: float, extra: dict | None 
                    test=test, test_generative=test_generative, test_popularity=popularity, test_tasks=tasks,
                    train_seconds_this_run=round(train_seconds, 1), exclude_history=cfg.eval.exclude_history,
                    skipped_steps=state.get("skipped_steps", 0), skipped_shards=run.bad_shards, world_size=run.world,
-                   precision=cfg.train.precision,
+                   precision=cfg.train.precision, cold_offset=cfg.eval.cold_offset, cold_calibration=calibration,
                    dataset=manifest["dataset"], manifest_hash=manifest["content_hash"], git_sha=git_sha(),
                    **(extra or {}))
     E.write_json(run.run_dir / "metrics.json", metrics)
