@@ -370,3 +370,29 @@ def test_ml1m_content_models_are_the_recipes_with_content_items(tmp_path, capsys
     with pytest.raises(SystemExit):
         ml1m.main([str(tmp_path / "no-such-raw"), "--models", "hstu,hstu_cotent", "--shards", str(tmp_path / "s")])
     assert "hstu_cotent" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_beauty_calibrated_row_notes_its_offsets_and_the_uncalibrated_test(tmp_path, capsys):
+    """The '+cal' row: its note lists each seed's validation-chosen offset and the same runs' test at offset 0
+    (metrics.json cold_calibration), read off the runs; --only-seeds outside range(--seeds) is refused."""
+    from bench import beauty
+    shards, runs = tmp_path / "shards", tmp_path / "runs"
+    _beauty_manifest(shards)
+    row = "hstu id+sid+content +iddrop +cal"
+    for seed, (offset, cold_hr) in enumerate([(0.015, 0.0263), (0.02, 0.0463)]):
+        d = fake_run(runs, beauty.run_name(row, seed), recipe=beauty.HSTU, item_repr="id+sid+content")
+        m = json.loads((d / "metrics.json").read_text())
+        m["cold_offset"] = offset
+        m["cold_calibration"] = dict(offset=offset, target_share=0.1, test_uncalibrated=dict(
+            m["test"], per_slice={"cold": {"hr@10": cold_hr}}, **{"cold_share@10": 0.03}))
+        (d / "metrics.json").write_text(json.dumps(m))
+    beauty.main(["amazon-sports", str(tmp_path / "raw"), "--shards", str(shards), "--runs", str(runs),
+                 "--out", str(tmp_path / "out"), "--no-train", "--rows", row, "--seeds", "2"])
+    md = (tmp_path / "out" / "amazon-sports.md").read_text()
+    note = next(line for line in md.splitlines() if line.startswith(f"- {row}: cold items' score offset"))
+    assert "[0.015, 0.02]" in note and "10.0%" in note and "cold R@10 0.0363 ± 0.0141" in note
+    assert "cold share@10 0.0300 ± 0.0000" in note
+    with pytest.raises(SystemExit):
+        beauty.main(["amazon-sports", str(tmp_path / "raw"), "--shards", str(shards), "--runs", str(runs),
+                     "--seeds", "2", "--only-seeds", "2"])
+    assert "outside range" in capsys.readouterr().err
